@@ -7,9 +7,9 @@
 # committed), so wheels are downloaded on the host, for the image's platform
 # (CPython 3.11, manylinux, the engine's CPU architecture).
 #
-# - third-party wheels: from requirements.lock at the repo root (REQUIREMENTS=
-#   to override). If there is no lock file yet, the [project] dependencies of
-#   pyproject.toml are used instead.  Cached: skipped while the requirements
+# - third-party wheels: from the first of requirements-runtime.lock,
+#   requirements.lock (repo root) that exists (REQUIREMENTS= to override); if
+#   there is no lock file, the [project] dependencies of pyproject.toml.  Cached: skipped while the requirements
 #   and platform are unchanged (stamp file), FORCE=1 to redo.
 # - the project's own wheel: rebuilt every run (cheap), old ones removed, so
 #   the image never gets a stale nestmmu wheel. SKIP_PROJECT_WHEEL=1 to skip.
@@ -44,6 +44,11 @@ done
 
 mkdir -p "$WHEELHOUSE"
 
+if [[ -z "${REQUIREMENTS:-}" ]]; then
+    for f in "$ROOT/requirements-runtime.lock" "$ROOT/requirements.lock"; do
+        if [[ -s "$f" ]]; then REQUIREMENTS="$f"; break; fi
+    done
+fi
 REQUIREMENTS="${REQUIREMENTS:-$ROOT/requirements.lock}"
 REQ_FILE="$REQUIREMENTS"
 if [[ ! -s "$REQUIREMENTS" ]]; then
@@ -67,7 +72,8 @@ if [[ "${FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]
 else
     log "downloading $ABI/$ARCH wheels from $REQ_FILE"
     start=$(date +%s)
-    rm -f "$STAMP"
+    # Start clean so wheels of versions no longer locked do not linger.
+    rm -f "$STAMP" "$WHEELHOUSE"/*.whl
     "$PYTHON" -m pip download --quiet --disable-pip-version-check \
         -d "$WHEELHOUSE" --only-binary=:all: \
         --python-version "$PY_VERSION" --implementation cp --abi "$ABI" --abi abi3 --abi none \
@@ -80,6 +86,9 @@ fi
 if [[ "${SKIP_PROJECT_WHEEL:-0}" != 1 ]]; then
     PROJECT_DIR="${PROJECT_DIR:-$ROOT}"
     rm -f "$WHEELHOUSE"/nestmmu-*.whl
+    # setuptools builds in-tree: a stale build/lib would put deleted modules
+    # back into the wheel.
+    rm -rf "$PROJECT_DIR"/build/lib "$PROJECT_DIR"/build/bdist.*
     log "building the project wheel from $PROJECT_DIR"
     # PIP_FIND_LINKS etc. from the environment still apply for build deps.
     "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps \
