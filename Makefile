@@ -11,10 +11,10 @@ GEN_PY := $(if $(wildcard $(VPY)),$(VPY),$(PYTHON))
 
 ## venv: create .venv and install nestmmu editable with dev extras (also generates gRPC code)
 venv: $(VPY)
-$(VPY): pyproject.toml setup.py
+$(VPY): pyproject.toml setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install -e '.[dev]'
+	$(VPY) -m pip install -c requirements.lock -e '.[dev]'
 	@touch $(VPY)
 
 ## gen: regenerate src/nestmmu/gen from protos/ (after editing a .proto in an editable install)
