@@ -90,7 +90,12 @@ if [[ "${SKIP_PROJECT_WHEEL:-0}" != 1 ]]; then
     # back into the wheel.
     rm -rf "$PROJECT_DIR"/build/lib "$PROJECT_DIR"/build/bdist.*
     log "building the project wheel from $PROJECT_DIR"
-    # PIP_FIND_LINKS etc. from the environment still apply for build deps.
+    # Reproducible wheel (fixed zip timestamps): an unchanged tree gives the same
+    # bytes, so the image build's COPY layer stays cached.
+    if [[ -z "${SOURCE_DATE_EPOCH:-}" ]]; then
+        SOURCE_DATE_EPOCH="$(git -C "$PROJECT_DIR" log -1 --format=%ct 2>/dev/null || echo 315532800)"
+        export SOURCE_DATE_EPOCH
+    fi
     "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps \
         -w "$WHEELHOUSE" "$PROJECT_DIR"
 fi
