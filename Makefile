@@ -41,3 +41,37 @@ lock:
 ## clean-gen: remove the generated code
 clean-gen:
 	rm -rf src/nestmmu/gen
+
+# ---------------------------------------------------------------------------
+# Containers and the whole test run (owner: deploy/; see deploy/README.md).
+# No registry on our machines: the base image is built from Debian packages,
+# Python packages come from a host-side wheelhouse, Compose v2 from PyPI.
+
+.PHONY: compose images up down test
+
+## compose: make `docker compose` (v2) work, installing the plugin from PyPI if missing
+compose:
+	bash deploy/ensure-compose.sh
+
+## images: Compose v2 + base image + wheelhouse + service image (cached; slow only the first time)
+images:
+	bash deploy/images.sh
+
+## up: start l0, l1a, l1b, l2, wait until healthy, run the workload and show its report
+up:
+	bash deploy/up.sh
+
+## down: stop and remove the cluster (images are kept)
+down:
+	bash deploy/down.sh
+
+## test: the whole suite as CI runs it: venv, codegen, images, pytest incl. slow and container tests
+# -m '' cancels any marker filter from the pytest config, so slow/containers tests run too.
+# pytest's exit code 5 ("no tests collected") is a failure, like any non-zero code.
+PYTEST_ARGS ?=
+test: venv
+	$(MAKE) gen
+	bash deploy/images.sh >/dev/null
+	@rc=0; $(VPY) -m pytest -m '' -ra $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; fi; \
+	exit $$rc
