@@ -1,0 +1,174 @@
+"""The data that crosses the pure core's boundary.
+
+Theory of operation (sans-IO, after h11): an L0 operation that needs something only another
+privilege level has (L1's memory, a walk of L1's tree, L1 handling a reflected exit) or a lock
+the caller owns is a *generator*.  It yields an **effect** object and is resumed with the
+effect's answer.  The in-process driver (:mod:`nestmmu.core.sim`) answers effects by calling
+the L1 core directly; the L0 gRPC service answers them with RPCs on the L1's session stream and
+asyncio locks.  The algorithm is the same code in both.
+
+Every removal or downgrade of a translation appends an :class:`Invalidation` (an LPID-tagged
+tlbie) to ``L0Hypervisor.outbox``.  A driver must drain the outbox right after each resume of a
+generator (or call of a plain method), before it awaits anything, and deliver those
+invalidations to the TLBs (waiting for tlbsync) before it reports the operation complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .formats import Access
+
+if TYPE_CHECKING:
+    from .l0 import KvmNestedGuest, L1Vm
+
+
+class Scope(Enum):
+    """What a tlbie covers (hardware IS field, as delivered to TLBs)."""
+
+    ADDRESS = "address"
+    LPID = "lpid"
+    ALL = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """An LPID-tagged invalidation that TLBs must apply (tlbie ... ; tlbsync)."""
+
+    lpid: int
+    scope: Scope
+    address: int = 0
+    size: int = 0
+    reason: str = ""
+
+
+# --- effects L0 yields ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class WalkL1Tree:
+    """Walk L1's partition-scoped tree for an L2 (root from L0's cached PATE dw0)."""
+
+    l1: L1Vm
+    l1_lpid: int
+    pate_dw0: int
+    n_gpa: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadL1Memory:
+    """kvm_read_guest on the L1: answer bytes, or None when no memslot backs the range."""
+
+    l1: L1Vm
+    gpa: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteL1Memory:
+    """kvm_write_guest on the L1: answer True on success."""
+
+    l1: L1Vm
+    gpa: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NestedExit:
+    """An exit of L2 that L0 reflects to L1 (H_ENTER_NESTED returns with it)."""
+
+    trap: int
+    hdar: int
+    hdsisr: int
+    asdr: int
+    access: Access
+
+
+class ExitAction(Enum):
+    """What L1 decided after handling a reflected exit."""
+
+    REENTER = "reenter"  # L1 fixed its tree (or nothing to do): H_ENTER_NESTED again
+    INJECT_STORAGE_INTERRUPT = "inject"  # L1 gives L2 a DSI/ISI
+    L1_EMULATED = "l1_emulated"  # L1 emulated the access (MMIO in L2's space)
+    FAILED = "failed"  # L1 cannot handle it (unsupported MMU config, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitReply:
+    action: ExitAction
+    dsisr: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReflectExit:
+    """Hand an exit to L1's handler; answer an :class:`ExitReply`."""
+
+    l1: L1Vm
+    l1_lpid: int
+    vcpu_id: int
+    exit: NestedExit
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireTlbLock:
+    """mutex_lock(&gp->tlb_lock): drivers serialise faults and invalidations per nested guest."""
+
+    gp: KvmNestedGuest
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseTlbLock:
+    gp: KvmNestedGuest
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """A point where another CPU may run (race tests inject host events here)."""
+
+    where: str
+
+
+Effect = WalkL1Tree | ReadL1Memory | WriteL1Memory | ReflectExit | AcquireTlbLock | ReleaseTlbLock | Preempt
+
+T = TypeVar("T")
+Op = Generator[Effect, Any, T]
+
+
+def run_sync(op: Op[T], answer: Callable[[Effect], Any]) -> T:
+    """Drive a generator operation to completion, answering each effect synchronously."""
+    try:
+        eff = next(op)
+        while True:
+            eff = op.send(answer(eff))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+# --- access outcomes -------------------------------------------------------------------------
+class Outcome(Enum):
+    FILL = 1  # translation installed in the vCPU TLB
+    STORAGE_INTERRUPT = 2  # L2 receives a DSI/ISI
+    MMIO_EMULATED = 3  # L0 emulated MMIO on L2's behalf (H_ENTER_NESTED returned H_TOO_HARD)
+    L1_EMULATED = 4  # L1 emulated the access
+    ERROR = 5  # unsupported configuration or livelock: the access cannot complete
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """A TLB fill: L2 real page -> host real page, tagged with the shadow LPID."""
+
+    lpid: int
+    page: int
+    host: int
+    shift: int
+    pte: int  # the shadow PTE (permissions and R/C)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    outcome: Outcome
+    translation: Translation | None = None
+    dsisr: int = 0
+    detail: str = ""

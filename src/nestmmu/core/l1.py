@@ -1,0 +1,468 @@
+"""L1: a guest hypervisor (Linux KVM-HV running as a pseries guest) and its L2 guests' trees.
+
+L1 owns its memory: its partition table (registered with H_SET_PARTITION_TABLE) and, for each
+L2 guest, a partition-scoped radix tree (L2 real -> L1 real) built in that memory with the
+guest's page size.  L0 never writes these tables; it asks L1 to walk them and reflects exits
+to L1's handler, which behaves like Linux-as-L1's ``kvmppc_book3s_radix_page_fault``.
+
+Every change to an L2 tree is written first and then followed by the invalidation hcall
+Linux-as-L1 issues; methods return those hcalls as data (:class:`Hcall`) for the caller to
+issue to L0, in order.  That order (tree write, then hcall) is what makes a concurrent nested
+fault in L0 safe: L0 holds the guest's tlb_lock across its walk, so the invalidation runs after
+any insert built from the old entry and removes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import formats as f
+from .effects import ExitAction, ExitReply, NestedExit
+from .formats import Access
+from .l0 import ConfigError, HvGuestState
+from .memory import Allocator, MemoryFault, OutOfMemory, SimMemory
+from .radix import PMD_SHIFT, PUD_SHIFT, RadixTable, WalkResult, shift_to_level, walk_radix_tree
+
+GUEST_PAGE_SHIFTS = (12, 16, 21, 30)
+PERM_RWX = f.PTE_EAA_READ | f.PTE_EAA_RW | f.PTE_EAA_EXEC
+
+
+# --- hcalls L1 issues (data; the caller sends them to L0) ------------------------------------
+@dataclass(frozen=True, slots=True)
+class SetPartitionTable:
+    ptcr: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlbInvalidate:
+    instr: int
+    rs: int
+    rb: int
+
+
+@dataclass(frozen=True, slots=True)
+class RptInvalidate:
+    id: int
+    target: int
+    type: int
+    pg_sizes: int
+    start: int
+    end: int
+
+
+Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate
+
+
+@dataclass(frozen=True)
+class MemslotSpec:
+    """One L1 memslot as L1 registers it with L0 (holes between slots are MMIO)."""
+
+    index: int
+    base: int
+    size: int
+    read_only: bool = False
+    backing_shift: int = 0
+
+
+def default_memslots(memory: int = 16 << 30) -> list[MemslotSpec]:
+    """RAM at 0, a 64 MiB read-only slot (ROM) above it, then a 64 MiB MMIO hole."""
+    return [MemslotSpec(0, 0, memory, backing_shift=PMD_SHIFT), MemslotSpec(1, memory, 64 << 20, read_only=True)]
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    """A range of an L2 guest's real address space with a special backing.
+
+    kind: "rom" (backed by L1's read-only memslot), "mmio" (mapped onto an L1 MMIO hole: L0
+    emulates), or "protect" (ordinary memory that L1 maps only with ``perms``).
+    """
+
+    kind: str
+    start: int
+    size: int
+    perms: int = PERM_RWX
+
+
+@dataclass
+class L2Guest:
+    """One L2 guest as its L1 sees it: lpid, PATE, tree, which L1 page backs which L2 page."""
+
+    lpid: int
+    page_shift: int
+    memory: int
+    tree: RadixTable
+    regions: list[GuestRegion] = field(default_factory=list)
+    backing: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 real address
+    perms: dict[int, int] = field(default_factory=dict)  # L2 page -> EAA override
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.page_shift
+
+    def pate_dw0(self) -> int:
+        return self.tree.pate_dw0()
+
+    def region_at(self, n_gpa: int) -> GuestRegion | None:
+        for r in self.regions:
+            if r.start <= n_gpa < r.start + r.size:
+                return r
+        return None
+
+
+class L1Hypervisor:
+    """The guest hypervisor's state and policies (pure; no I/O)."""
+
+    def __init__(
+        self,
+        name: str,
+        memslots: list[MemslotSpec] | None = None,
+        l0_page_shift: int = 16,
+        use_rpt_invalidate: bool = True,
+        pats: int = 4,
+    ) -> None:
+        self.name = name
+        self.memslots = memslots or default_memslots()
+        self.l0_page_shift = l0_page_shift
+        self.use_rpt_invalidate = use_rpt_invalidate
+        ram = [s for s in self.memslots if not s.read_only]
+        rom = [s for s in self.memslots if s.read_only]
+        if not ram:
+            raise ConfigError("an L1 needs a writable memslot for its tables")
+        end = max(s.base + s.size for s in self.memslots)
+        self.mmio_base = end  # the hole above the last memslot is MMIO (passed through)
+        self.mem = SimMemory(end + (64 << 20), valid=self._valid)
+        main = max(ram, key=lambda s: s.size)
+        # Keep the low 16 MiB for "L1's kernel"; tables and L2 backing come from the rest.
+        self.alloc = Allocator(main.base + min(16 << 20, main.size // 2), main.base + main.size)
+        self.rom_alloc = Allocator(rom[0].base, rom[0].base + rom[0].size) if rom else None
+        if not 0 <= pats <= f.KVM_MAX_NESTED_GUESTS_SHIFT - 8:
+            raise ConfigError(f"PATS {pats} out of range 0..{f.KVM_MAX_NESTED_GUESTS_SHIFT - 8}")
+        self.pats = pats
+        self.partition_table = self.alloc.alloc(1 << (12 + pats))
+        self.ptcr = f.make_ptcr(self.partition_table, pats)
+        self.guests: dict[int, L2Guest] = {}
+        self.exits_handled = 0
+        self.stats: dict[str, int] = {}
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _valid(self, addr: int) -> bool:
+        for s in self.memslots:
+            if s.base <= addr < s.base + s.size:
+                return True
+        return False
+
+    # ---------------------------------------------------------------- memory L0 reads
+    def read_memory(self, gpa: int, length: int) -> bytes | None:
+        try:
+            return self.mem.read(gpa, length)
+        except MemoryFault:
+            return None
+
+    def write_memory(self, gpa: int, data: bytes) -> bool:
+        for s in self.memslots:
+            if s.read_only and s.base <= gpa < s.base + s.size:
+                return False
+        try:
+            self.mem.write(gpa, data)
+        except MemoryFault:
+            return False
+        return True
+
+    def walk(self, pate_dw0: int, n_gpa: int) -> WalkResult:
+        """Walk one L2 tree (the root L0 cached) in L1's memory: what L0 asks of L1."""
+        return walk_radix_tree(self.mem, pate_dw0, n_gpa)
+
+    # ---------------------------------------------------------------- boot and guests
+    def boot(self) -> list[Hcall]:
+        """Register the partition table with L0."""
+        return [SetPartitionTable(self.ptcr)]
+
+    def max_lpids(self) -> int:
+        return 1 << (self.pats + 8)
+
+    def _alloc_lpid(self) -> int:
+        for lpid in range(1, self.max_lpids()):
+            if lpid not in self.guests:
+                return lpid
+        raise ConfigError(f"L1 {self.name!r} has no free guest LPID (PATS={self.pats})")
+
+    def _write_pate(self, lpid: int, dw0: int, dw1: int) -> None:
+        addr = self.partition_table + lpid * f.PATE_SIZE
+        self.mem.write_u64(addr, dw0)
+        self.mem.write_u64(addr + 8, dw1)
+
+    def create_guest(self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None) -> tuple[L2Guest, list[Hcall]]:
+        """Allocate an lpid, build the root in L1 memory, write the PATE, flush (RIC=2)."""
+        if page_shift not in GUEST_PAGE_SHIFTS:
+            raise ConfigError(f"guest page_shift must be one of {GUEST_PAGE_SHIFTS}, not {page_shift}")
+        if memory <= 0 or memory % (1 << page_shift):
+            raise ConfigError(f"guest memory {memory:#x} must be a positive multiple of the page size {1 << page_shift:#x}")
+        if memory > 1 << 46:
+            raise ConfigError("guest memory above 64 TiB is not supported by this model")
+        if lpid == 0:
+            lpid = self._alloc_lpid()
+        elif not 0 < lpid < self.max_lpids():
+            raise ConfigError(f"guest lpid {lpid} outside 1..{self.max_lpids() - 1}")
+        elif lpid in self.guests:
+            raise ConfigError(f"L1 {self.name!r} already has a guest with lpid {lpid}")
+        for r in regions or []:
+            if r.kind not in ("rom", "mmio", "protect"):
+                raise ConfigError(f"region kind must be rom, mmio or protect, not {r.kind!r}")
+            if r.start % (1 << page_shift) or r.size % (1 << page_shift) or r.size <= 0:
+                raise ConfigError(f"region {r.kind} at {r.start:#x}: start and size must be multiples of the guest page size")
+            if r.start + r.size > memory:
+                raise ConfigError(f"region {r.kind} at {r.start:#x} ends beyond guest memory")
+            if r.kind == "rom" and self.rom_alloc is None:
+                raise ConfigError("a rom region needs a read-only memslot in L1")
+        try:
+            tree = RadixTable(self.mem, self.alloc, 12 if page_shift == 12 else 16)
+        except OutOfMemory as e:
+            raise ConfigError(f"L1 {self.name!r} is out of memory for a new tree: {e}") from e
+        guest = L2Guest(lpid, page_shift, memory, tree, list(regions or []))
+        self.guests[lpid] = guest
+        self._write_pate(lpid, guest.pate_dw0(), f.make_pate_dw1())
+        self._count("guests_created")
+        return guest, [self._flush_lpid_hcall(lpid)]
+
+    def destroy_guest(self, lpid: int) -> list[Hcall]:
+        """PATE := 0, then RIC=2 for the LPID (L0 removes the nested guest), free the tree."""
+        guest = self.guest(lpid)
+        self._write_pate(lpid, 0, 0)
+        hcalls = [self._flush_lpid_hcall(lpid)]
+        tree = guest.tree
+        tree.free_below(tree.root, 3)
+        tree.free_table(tree.root, 3)
+        for page, l1_gpa in guest.backing.items():
+            self._free_backing(guest, page, l1_gpa)
+        del self.guests[lpid]
+        self._count("guests_destroyed")
+        return hcalls
+
+    def guest(self, lpid: int) -> L2Guest:
+        g = self.guests.get(lpid)
+        if g is None:
+            raise ConfigError(f"L1 {self.name!r} has no L2 guest with lpid {lpid}")
+        return g
+
+    def hv_guest_state(self, lpid: int, vcpu_token: int) -> HvGuestState:
+        self.guest(lpid)
+        return HvGuestState(version=2, lpid=lpid, vcpu_token=vcpu_token)
+
+    # ---------------------------------------------------------------- invalidation hcalls
+    def _flush_page_hcall(self, lpid: int, n_gpa: int, shift: int) -> Hcall:
+        size = 1 << shift
+        if self.use_rpt_invalidate:
+            bit = {12: f.H_RPTI_PAGE_4K, 16: f.H_RPTI_PAGE_64K, 21: f.H_RPTI_PAGE_2M, 30: f.H_RPTI_PAGE_1G}[shift]
+            return RptInvalidate(lpid, f.H_RPTI_TARGET_CMMU, f.H_RPTI_TYPE_NESTED | f.H_RPTI_TYPE_TLB, bit, n_gpa, n_gpa + size)
+        instr, rs, rb = f.encode_tlbie(f.RIC_TLB, 0, 1, lpid, f.IS_VA, n_gpa, f.SHIFT_TO_AP[shift])
+        return TlbInvalidate(instr, rs, rb)
+
+    def _flush_lpid_hcall(self, lpid: int) -> Hcall:
+        if self.use_rpt_invalidate:
+            return RptInvalidate(lpid, f.H_RPTI_TARGET_CMMU, f.H_RPTI_TYPE_NESTED | f.H_RPTI_TYPE_NESTED_ALL, f.H_RPTI_PAGE_ALL, 0, f.U64)
+        instr, rs, rb = f.encode_tlbie(f.RIC_ALL, 0, 1, lpid, f.IS_LPID)
+        return TlbInvalidate(instr, rs, rb)
+
+    # ---------------------------------------------------------------- L2 tree editing
+    def _page_perms(self, guest: L2Guest, page: int) -> int:
+        if page in guest.perms:
+            return guest.perms[page]
+        r = guest.region_at(page << guest.page_shift)
+        if r is None:
+            return PERM_RWX
+        if r.kind == "rom":
+            return f.PTE_EAA_READ | f.PTE_EAA_EXEC | (r.perms & f.PTE_EAA_RW)
+        return r.perms
+
+    def _backing_for(self, guest: L2Guest, page: int) -> int:
+        """The L1 real address backing an L2 page, allocating it on first use."""
+        got = guest.backing.get(page)
+        if got is not None:
+            return got
+        n_gpa = page << guest.page_shift
+        r = guest.region_at(n_gpa)
+        size = guest.page_size
+        if r is not None and r.kind == "mmio":
+            l1_gpa = self.mmio_base + ((n_gpa - r.start) % (64 << 20)) // size * size
+        elif r is not None and r.kind == "rom":
+            assert self.rom_alloc is not None
+            l1_gpa = self.rom_alloc.alloc(max(size, 1 << self.l0_page_shift))
+        else:
+            l1_gpa = self.alloc.alloc(size)
+        guest.backing[page] = l1_gpa
+        return l1_gpa
+
+    def _free_backing(self, guest: L2Guest, page: int, l1_gpa: int) -> None:
+        r = guest.region_at(page << guest.page_shift)
+        if r is not None and r.kind == "mmio":
+            return
+        if r is not None and r.kind == "rom":
+            assert self.rom_alloc is not None
+            self.rom_alloc.free(l1_gpa)
+            return
+        self.alloc.free(l1_gpa)
+
+    def _leaf_slot(self, guest: L2Guest, n_gpa: int) -> int:
+        level = shift_to_level(guest.page_shift)
+        tbl, blocker = guest.tree.ensure_table(n_gpa, level)
+        assert blocker is None, "an L2 tree holds one page size"
+        return guest.tree.entry_addr(tbl, level, n_gpa)
+
+    def _read_leaf(self, guest: L2Guest, n_gpa: int) -> tuple[int, int] | None:
+        slot = guest.tree.lookup_leaf(n_gpa)
+        return None if slot is None else (slot.addr, slot.pte)
+
+    def instantiate(self, guest: L2Guest, n_gpa: int, writing: bool) -> int:
+        """Linux-as-L1's instantiate for its L2: back the page, insert a leaf (R; C if store)."""
+        page = n_gpa >> guest.page_shift
+        perms = self._page_perms(guest, page)
+        l1_gpa = self._backing_for(guest, page)
+        rc = f.PTE_R | (f.PTE_C if writing and perms & f.PTE_EAA_RW else 0)
+        pte = f.make_pte(l1_gpa, perms, r=bool(rc & f.PTE_R), c=bool(rc & f.PTE_C))
+        self.mem.write_u64(self._leaf_slot(guest, page << guest.page_shift), pte)
+        self._count("leaves_instantiated")
+        return pte
+
+    def _pages(self, guest: L2Guest, n_gpa: int, length: int) -> range:
+        if length <= 0:
+            raise ConfigError("length must be positive")
+        if n_gpa < 0 or n_gpa + length > guest.memory:
+            raise ConfigError(f"range {n_gpa:#x}+{length:#x} is outside the guest's {guest.memory:#x} bytes")
+        first = n_gpa >> guest.page_shift
+        last = (n_gpa + length - 1) >> guest.page_shift
+        return range(first, last + 1)
+
+    def map_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
+        """Prefault: insert leaves now (adding translations needs no invalidation)."""
+        guest = self.guest(lpid)
+        n = 0
+        for page in self._pages(guest, n_gpa, length):
+            if self._read_leaf(guest, page << guest.page_shift) is None:
+                self.instantiate(guest, page << guest.page_shift, writing=False)
+                n += 1
+        return n, []
+
+    def unmap_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
+        """Clear leaves and free their backing; one invalidation per page (as Linux does)."""
+        guest = self.guest(lpid)
+        hcalls: list[Hcall] = []
+        for page in self._pages(guest, n_gpa, length):
+            addr = page << guest.page_shift
+            leaf = self._read_leaf(guest, addr)
+            if leaf is None:
+                continue
+            self.mem.write_u64(leaf[0], 0)
+            l1_gpa = guest.backing.pop(page, None)
+            if l1_gpa is not None:
+                self._free_backing(guest, page, l1_gpa)
+            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
+        self._count("pages_unmapped")
+        return len(hcalls), hcalls
+
+    def protect_pages(self, lpid: int, n_gpa: int, length: int, perms: int) -> tuple[int, list[Hcall]]:
+        """Change the permissions L1 grants; downgraded leaves are rewritten and flushed."""
+        if perms & ~PERM_RWX:
+            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
+        guest = self.guest(lpid)
+        hcalls: list[Hcall] = []
+        for page in self._pages(guest, n_gpa, length):
+            guest.perms[page] = perms
+            addr = page << guest.page_shift
+            leaf = self._read_leaf(guest, addr)
+            if leaf is None:
+                continue
+            old = leaf[1]
+            new = (old & ~PERM_RWX) | perms
+            if not perms & f.PTE_EAA_RW:
+                new &= ~f.PTE_C
+            if new == old:
+                continue
+            self.mem.write_u64(leaf[0], new)
+            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
+        return len(hcalls), hcalls
+
+    def remap_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
+        """Move mapped L2 pages to fresh L1 pages (e.g. L1 compaction), then flush each."""
+        guest = self.guest(lpid)
+        hcalls: list[Hcall] = []
+        for page in self._pages(guest, n_gpa, length):
+            addr = page << guest.page_shift
+            leaf = self._read_leaf(guest, addr)
+            if leaf is None:
+                continue
+            r = guest.region_at(addr)
+            if r is not None and r.kind != "protect":
+                continue  # ROM and MMIO mappings do not move
+            old_gpa = guest.backing.pop(page)
+            new_gpa = self._backing_for(guest, page)
+            self._free_backing(guest, page, old_gpa)
+            self.mem.write_u64(leaf[0], (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa)
+            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
+        return len(hcalls), hcalls
+
+    # ---------------------------------------------------------------- reflected exits
+    def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
+        """What L1 does when H_ENTER_NESTED returns with an HDSI/HISI of its L2."""
+        self.exits_handled += 1
+        guest = self.guests.get(l1_lpid)
+        if guest is None:
+            self._count("exit.no_guest")
+            return ExitReply(ExitAction.FAILED, detail=f"L1 has no guest with lpid {l1_lpid}"), []
+        dsisr = ex.hdsisr
+        writing = bool(dsisr & f.DSISR_ISSTORE)
+        n_gpa = ex.asdr
+        if dsisr & (f.DSISR_UNSUPP_MMU | f.DSISR_PRTABLE_FAULT):
+            self._count("exit.bad_tree")
+            return ExitReply(ExitAction.FAILED, dsisr, "L1's tree for this guest is unusable"), []
+        if n_gpa >= guest.memory:
+            self._count("exit.l1_mmio")
+            return ExitReply(ExitAction.L1_EMULATED, detail=f"L1 emulated MMIO at L2 address {n_gpa:#x}"), []
+        page = n_gpa >> guest.page_shift
+        leaf = self._read_leaf(guest, page << guest.page_shift)
+        perms = self._page_perms(guest, page)
+        if dsisr & f.DSISR_NOHPTE or leaf is None:
+            self._count("exit.nohpte")
+            self.instantiate(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
+            return ExitReply(ExitAction.REENTER), []
+        pte = leaf[1]
+        if dsisr & (f.DSISR_PROTFAULT | f.DSISR_NOEXEC_OR_G):
+            allowed = _allows(pte, ex.access)
+            if allowed:
+                self._count("exit.stale_protfault")
+                return ExitReply(ExitAction.REENTER), []
+            self._count("exit.inject")
+            code = f.SRR1_ISI_N_G_OR_CIP if ex.access is Access.IFETCH else f.DSISR_PROTFAULT | (dsisr & f.DSISR_ISSTORE)
+            return ExitReply(ExitAction.INJECT_STORAGE_INTERRUPT, code, "L1 maps this page without that permission"), []
+        if dsisr & f.DSISR_SET_RC:
+            self._count("exit.set_rc")
+            bits = f.PTE_R | (f.PTE_C if writing and pte & f.PTE_EAA_RW else 0)
+            self.mem.write_u64(leaf[0], pte | bits)
+            return ExitReply(ExitAction.REENTER), []
+        self._count("exit.other")
+        return ExitReply(ExitAction.REENTER), []
+
+
+def _allows(pte: int, access: Access) -> bool:
+    if access is Access.STORE:
+        return bool(pte & f.PTE_EAA_RW)
+    if access is Access.IFETCH:
+        return bool(pte & f.PTE_EAA_EXEC)
+    return bool(pte & (f.PTE_EAA_READ | f.PTE_EAA_RW))
+
+
+__all__ = [
+    "GUEST_PAGE_SHIFTS",
+    "PERM_RWX",
+    "GuestRegion",
+    "Hcall",
+    "L1Hypervisor",
+    "L2Guest",
+    "MemslotSpec",
+    "PUD_SHIFT",
+    "RptInvalidate",
+    "SetPartitionTable",
+    "TlbInvalidate",
+    "default_memslots",
+]

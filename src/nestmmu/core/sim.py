@@ -1,0 +1,232 @@
+"""An in-process cluster: L0, L1s and L2 vCPUs wired together synchronously.
+
+This is the reference driver of the core's effects (see :mod:`.effects`): it answers every
+effect by calling the right L1 directly, delivers every invalidation to the TLBs of its LPID
+before the operation that caused it returns (so I5 holds at every step), and checks that tlb
+locks are used as a kernel would (never taken twice).  Tests, the property suite, determinism
+checks and the hot-path benchmark run on it; the gRPC services run the same core.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import formats as f
+from .audit import AuditReport, audit
+from .effects import (
+    AccessResult,
+    AcquireTlbLock,
+    Effect,
+    ExitReply,
+    Invalidation,
+    Op,
+    Preempt,
+    ReadL1Memory,
+    ReflectExit,
+    ReleaseTlbLock,
+    Scope,
+    WalkL1Tree,
+    WriteL1Memory,
+    run_sync,
+)
+from .formats import Access
+from .l0 import ConfigError, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
+from .l1 import GuestRegion, Hcall, L1Hypervisor, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate, default_memslots
+from .radix import WalkResult
+from .vcpu import Vcpu
+from .workload import WorkloadSpec, generate
+
+
+@dataclass
+class VcpuSession:
+    name: str
+    l1: str
+    l1_lpid: int
+    vcpu: Vcpu
+    gp: KvmNestedGuest
+
+
+class InProcessCluster:
+    """L0 + L1s + vCPUs in one process, driven synchronously and deterministically."""
+
+    def __init__(self, config: L0Config | None = None) -> None:
+        self.l0 = L0Hypervisor(config)
+        self.l1s: dict[str, L1Hypervisor] = {}
+        self.vms: dict[str, L1Vm] = {}
+        self.sessions: dict[str, VcpuSession] = {}
+        self.stats: Counter[str] = Counter()
+        self.locks_held: set[int] = set()
+        self.preempt_hook: Callable[[str], None] | None = None
+        self.hcall_log: list[tuple[str, Hcall, int]] = []
+
+    # ---------------------------------------------------------------- effects
+    def answer(self, eff: Effect) -> Any:
+        self.deliver(self.l0.take_invalidations())
+        if isinstance(eff, WalkL1Tree):
+            return self.l1s[eff.l1.name].walk(eff.pate_dw0, eff.n_gpa)
+        if isinstance(eff, ReadL1Memory):
+            return self.l1s[eff.l1.name].read_memory(eff.gpa, eff.length)
+        if isinstance(eff, WriteL1Memory):
+            return self.l1s[eff.l1.name].write_memory(eff.gpa, eff.data)
+        if isinstance(eff, ReflectExit):
+            l1 = self.l1s[eff.l1.name]
+            reply, hcalls = l1.handle_exit(eff.l1_lpid, eff.vcpu_id, eff.exit)
+            self.stats["exits_reflected"] += 1
+            for h in hcalls:
+                self.issue(eff.l1.name, h)
+            return reply
+        if isinstance(eff, AcquireTlbLock):
+            key = id(eff.gp)
+            if key in self.locks_held:
+                raise AssertionError(f"tlb_lock of {eff.gp!r} taken twice: a deadlock on real hardware")
+            self.locks_held.add(key)
+            return None
+        if isinstance(eff, ReleaseTlbLock):
+            self.locks_held.discard(id(eff.gp))
+            return None
+        if isinstance(eff, Preempt):
+            if self.preempt_hook is not None:
+                self.preempt_hook(eff.where)
+            return None
+        raise TypeError(f"unknown effect {eff!r}")
+
+    def drive(self, op: Op[Any]) -> Any:
+        result = run_sync(op, self.answer)
+        self.deliver(self.l0.take_invalidations())
+        return result
+
+    def deliver(self, invs: list[Invalidation]) -> None:
+        """Broadcast tlbies to every vCPU running with that LPID (tlbsync is immediate here)."""
+        for inv in invs:
+            self.stats[f"tlbie.{inv.scope.value}"] += 1
+            for s in self.sessions.values():
+                if inv.scope is Scope.ALL or s.vcpu.lpid == inv.lpid:
+                    s.vcpu.invalidate(inv)
+                    self.stats["broadcast_acks"] += 1
+
+    # ---------------------------------------------------------------- L1s and hcalls
+    def add_l1(self, name: str, memslots: list[MemslotSpec] | None = None, use_rpt_invalidate: bool = True, pats: int = 4) -> L1Hypervisor:
+        specs = memslots or default_memslots()
+        l1 = L1Hypervisor(name, specs, self.l0.page_shift, use_rpt_invalidate, pats)
+        vm = self.l0.create_l1(name, [Memslot(s.index, s.base, s.size, s.read_only, s.backing_shift) for s in specs])
+        self.l1s[name] = l1
+        self.vms[name] = vm
+        for h in l1.boot():
+            rc = self.issue(name, h)
+            if rc != f.H.SUCCESS:
+                raise ConfigError(f"H_SET_PARTITION_TABLE failed for {name}: {rc}")
+        return l1
+
+    def issue(self, l1_name: str, h: Hcall) -> int:
+        vm = self.vms[l1_name]
+        l0 = self.l0
+        rc: int
+        if isinstance(h, SetPartitionTable):
+            rc = l0.h_set_partition_table(vm, h.ptcr)
+        elif isinstance(h, TlbInvalidate):
+            rc = self.drive(l0.h_tlb_invalidate(vm, h.instr, h.rs, h.rb))
+        elif isinstance(h, RptInvalidate):
+            rc = self.drive(l0.h_rpt_invalidate(vm, h.id, h.target, h.type, h.pg_sizes, h.start, h.end))
+        else:  # pragma: no cover
+            raise TypeError(f"unknown hcall {h!r}")
+        self.deliver(l0.take_invalidations())
+        self.hcall_log.append((l1_name, h, rc))
+        return rc
+
+    def issue_all(self, l1_name: str, hcalls: list[Hcall]) -> list[int]:
+        return [self.issue(l1_name, h) for h in hcalls]
+
+    def create_guest(self, l1_name: str, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None) -> int:
+        guest, hcalls = self.l1s[l1_name].create_guest(lpid, page_shift, memory, regions)
+        self.issue_all(l1_name, hcalls)
+        return guest.lpid
+
+    def destroy_guest(self, l1_name: str, lpid: int) -> list[int]:
+        return self.issue_all(l1_name, self.l1s[l1_name].destroy_guest(lpid))
+
+    # ---------------------------------------------------------------- vCPUs
+    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int) -> VcpuSession:
+        """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB."""
+        l1 = self.l1s[l1_name]
+        state = l1.hv_guest_state(lpid, vcpu_id)
+        rc, gp = self.drive(self.l0.h_enter_nested(self.vms[l1_name], state))
+        if rc != f.H.SUCCESS or gp is None:
+            raise ConfigError(f"H_ENTER_NESTED for {l1_name}/{lpid} failed with {f.H(rc).name}")
+        name = f"{l1_name}/{lpid}/{vcpu_id}"
+        if name in self.sessions:
+            self.l0.kvmhv_put_nested(gp)
+            raise ConfigError(f"vCPU {name} is already attached")
+        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid), gp)
+        self.sessions[name] = s
+        return s
+
+    def detach_vcpu(self, name: str) -> None:
+        s = self.sessions.pop(name)
+        self.l0.kvmhv_put_nested(s.gp)
+        self.deliver(self.l0.take_invalidations())
+
+    def remove_l1(self, name: str) -> None:
+        """The L1 dies: its vCPUs go with it, then every nested guest is released."""
+        for sname in [n for n, s in self.sessions.items() if s.l1 == name]:
+            self.detach_vcpu(sname)
+        self.l0.destroy_l1(self.vms.pop(name))
+        self.deliver(self.l0.take_invalidations())
+        del self.l1s[name]
+
+    def access(self, s: VcpuSession, addr: int, kind: Access) -> AccessResult:
+        """One access that missed the TLB (the vCPU's TLB is not consulted)."""
+        res: AccessResult = self.drive(self.l0.run_access(s.gp, s.vcpu.vcpu_id, addr, kind))
+        s.vcpu.apply(res)
+        return res
+
+    def run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
+        """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds."""
+        vcpu = s.vcpu
+        send = vcpu.run_hits(addrs, kinds)
+        while send:
+            for addr, kind in send:
+                res = self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access(kind)))
+                vcpu.apply(res)
+            send = vcpu.next_round()
+
+    def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0) -> Counter[str]:
+        for addrs, kinds in generate(spec, vcpu_index):
+            self.run_batch(s, addrs, kinds)
+        return s.vcpu.stats
+
+    # ---------------------------------------------------------------- audit
+    def walk(self, l1_name: str, pate_dw0: int, n_gpa: int) -> WalkResult:
+        return self.l1s[l1_name].walk(pate_dw0, n_gpa)
+
+    def audit(self) -> AuditReport:
+        tlbs = ((s.name, e) for s in self.sessions.values() for e in s.vcpu.tlb.entries())
+        return audit(self.l0, self.walk, tlbs)
+
+    def counters(self) -> dict[str, int]:
+        """L0, driver and summed vCPU counters, flattened (deterministic for a seeded run)."""
+        out: Counter[str] = Counter()
+        out.update({f"l0.{k}": v for k, v in self.l0.stats.items()})
+        out.update({f"sim.{k}": v for k, v in self.stats.items()})
+        for s in self.sessions.values():
+            out.update({f"vcpu.{k}": v for k, v in s.vcpu.stats.items()})
+        for name, l1 in self.l1s.items():
+            out.update({f"l1.{k}": v for k, v in l1.stats.items()})
+        return dict(sorted(out.items()))
+
+
+def demo_cluster(seed: int = 1, accesses: int = 20_000, config: L0Config | None = None) -> InProcessCluster:
+    """Two L1s with mixed page sizes and special regions, several vCPUs, a seeded workload."""
+    c = InProcessCluster(config)
+    for l1_name in ("l1a", "l1b"):
+        c.add_l1(l1_name)
+    regions = [GuestRegion("rom", 32 << 20, 2 << 20), GuestRegion("mmio", 34 << 20, 2 << 20), GuestRegion("protect", 36 << 20, 2 << 20, f.PTE_EAA_READ)]
+    lp_a1 = c.create_guest("l1a", page_shift=16, memory=64 << 20, regions=regions)
+    lp_a2 = c.create_guest("l1a", page_shift=21, memory=64 << 20)
+    lp_b1 = c.create_guest("l1b", page_shift=16, memory=64 << 20)
+    sessions = [c.attach_vcpu("l1a", lp_a1, 0), c.attach_vcpu("l1a", lp_a1, 1), c.attach_vcpu("l1a", lp_a2, 0), c.attach_vcpu("l1b", lp_b1, 0)]
+    for i, s in enumerate(sessions):
+        c.run_workload(s, WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=40 << 20), vcpu_index=i)
+    return c

@@ -1,0 +1,204 @@
+"""An L2 vCPU: a TLB tagged by LPID and the batching of TLB misses.
+
+The TLB caches translations the hardware walk produced (shadow LPID, page, size, permissions,
+R/C).  A hit needs no help from anyone; a load needs R, a store needs RW *and* C (POWER9 never
+sets C itself, so a store on an entry without C is a miss that faults with SET_RC).
+
+Batching: a vCPU hands its accesses over in batches.  ``begin`` scans a batch, counts hits and
+returns the misses to send to L0, one per (4K page, kind); other misses on the same page and
+kind wait for that one's result.  ``complete`` installs results and re-checks the waiting
+accesses, returning the next round (usually empty).  A batch is thus an out-of-order window:
+the outcome of each access is the same as if it ran alone, after the ones before it on its page.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from . import formats as f
+from .effects import AccessResult, Invalidation, Outcome, Scope, Translation
+from .formats import Access
+
+_LOAD_OK = 1 << Access.LOAD
+_STORE_OK = 1 << Access.STORE
+_IFETCH_OK = 1 << Access.IFETCH
+
+
+def allowed_mask(pte: int) -> int:
+    """Which access kinds a TLB entry built from ``pte`` satisfies without a fault."""
+    if not pte & f.PTE_R:
+        return 0
+    m = 0
+    if pte & (f.PTE_EAA_READ | f.PTE_EAA_RW):
+        m |= _LOAD_OK
+    if pte & f.PTE_EAA_RW and pte & f.PTE_C:
+        m |= _STORE_OK
+    if pte & f.PTE_EAA_EXEC:
+        m |= _IFETCH_OK
+    return m
+
+
+@dataclass(frozen=True, slots=True)
+class TlbEntry:
+    lpid: int
+    page: int
+    host: int
+    shift: int
+    pte: int
+    mask: int
+
+
+class Tlb:
+    """Translation cache of one vCPU, tagged by LPID."""
+
+    def __init__(self) -> None:
+        self.by_lpid: dict[int, dict[tuple[int, int], TlbEntry]] = {}
+        self._shifts: dict[int, set[int]] = {}
+        self._fast: dict[int, int] = {}  # addr >> 12 -> mask, for the running LPID only
+        self._fast_lpid = -1
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.by_lpid.values())
+
+    def entries(self) -> list[TlbEntry]:
+        return [e for d in self.by_lpid.values() for e in d.values()]
+
+    def lookup(self, lpid: int, addr: int) -> TlbEntry | None:
+        d = self.by_lpid.get(lpid)
+        if not d:
+            return None
+        for shift in sorted(self._shifts[lpid]):
+            e = d.get((shift, addr >> shift))
+            if e is not None:
+                return e
+        return None
+
+    def mask(self, lpid: int, addr: int) -> int:
+        """Allowed-access mask for addr (0 = miss); cached per 4K page for speed."""
+        if lpid != self._fast_lpid:
+            self._fast.clear()
+            self._fast_lpid = lpid
+        key = addr >> 12
+        m = self._fast.get(key)
+        if m is None:
+            e = self.lookup(lpid, addr)
+            if e is None:
+                return 0
+            m = self._fast[key] = e.mask
+        return m
+
+    def fill(self, t: Translation) -> None:
+        d = self.by_lpid.setdefault(t.lpid, {})
+        self._shifts.setdefault(t.lpid, set()).add(t.shift)
+        page = t.page >> t.shift
+        d[(t.shift, page)] = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte))
+        if t.lpid == self._fast_lpid:
+            if t.shift <= 16:
+                for k in range(t.page >> 12, (t.page + (1 << t.shift)) >> 12):
+                    self._fast.pop(k, None)
+            else:
+                self._fast.clear()
+
+    def invalidate(self, inv: Invalidation) -> int:
+        """Apply one tlbie; returns the number of entries dropped."""
+        if inv.scope is Scope.ALL:
+            n = len(self)
+            self.by_lpid.clear()
+            self._shifts.clear()
+            self._fast.clear()
+            return n
+        d = self.by_lpid.get(inv.lpid)
+        if inv.lpid == self._fast_lpid:
+            self._fast.clear()
+        if not d:
+            return 0
+        if inv.scope is Scope.LPID:
+            del self.by_lpid[inv.lpid]
+            del self._shifts[inv.lpid]
+            return len(d)
+        start, end = inv.address, inv.address + max(inv.size, 1)
+        doomed = [k for k, e in d.items() if e.page < end and start < e.page + (1 << e.shift)]
+        for k in doomed:
+            del d[k]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self.invalidate(Invalidation(0, Scope.ALL))
+
+
+class Vcpu:
+    """One L2 vCPU running with a shadow LPID: its TLB, counters and the batch protocol."""
+
+    def __init__(self, vcpu_id: int, lpid: int = 0) -> None:
+        self.vcpu_id = vcpu_id
+        self.lpid = lpid  # the shadow LPID the hardware runs this vCPU with
+        self.tlb = Tlb()
+        self.stats: Counter[str] = Counter()
+        self._pending: dict[tuple[int, int], int] = {}
+        self._deferred: list[tuple[int, int]] = []
+        self._sent: list[tuple[int, int]] = []
+
+    def run_hits(self, addrs: list[int], kinds: list[int]) -> list[tuple[int, int]]:
+        """Scan a batch: count TLB hits; return the misses to send (one per page and kind)."""
+        self.stats["accesses"] += len(addrs)
+        return self._scan(list(zip(addrs, kinds, strict=True)))
+
+    def _scan(self, accesses: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        tlb_mask = self.tlb.mask
+        lpid = self.lpid
+        hits = 0
+        pending = self._pending
+        deferred = self._deferred
+        send = []
+        for addr, kind in accesses:
+            if tlb_mask(lpid, addr) & (1 << kind):
+                hits += 1
+                continue
+            key = (addr >> 12, kind)
+            if key in pending:
+                deferred.append((addr, kind))
+            else:
+                pending[key] = len(send)
+                send.append((addr, kind))
+        self.stats["tlb_hits"] += hits
+        self.stats["misses_sent"] += len(send)
+        self._sent = send
+        return send
+
+    def complete(self, results: list[AccessResult]) -> list[tuple[int, int]]:
+        """Install the results of the last batch sent; return the next round to send."""
+        if len(results) != len(self._sent):
+            raise ValueError(f"got {len(results)} results for {len(self._sent)} accesses")
+        for r in results:
+            self.apply(r)
+        return self.next_round()
+
+    def next_round(self) -> list[tuple[int, int]]:
+        """After every result of the last round was applied (with any tlbies in between)."""
+        self._pending = {}
+        again, self._deferred = self._deferred, []
+        if not again:
+            self._sent = []
+            return []
+        # Deferred accesses were already counted as accesses; rescan them.
+        return self._scan(again)
+
+    def apply(self, r: AccessResult) -> None:
+        stats = self.stats
+        if r.outcome is Outcome.FILL:
+            assert r.translation is not None
+            self.tlb.fill(r.translation)
+            stats["fills"] += 1
+        elif r.outcome is Outcome.STORAGE_INTERRUPT:
+            stats["storage_interrupts"] += 1
+        elif r.outcome is Outcome.MMIO_EMULATED:
+            stats["mmio_emulated"] += 1
+        elif r.outcome is Outcome.L1_EMULATED:
+            stats["l1_emulated"] += 1
+        else:
+            stats["errors"] += 1
+
+    def invalidate(self, inv: Invalidation) -> None:
+        self.stats["invalidations_applied"] += 1
+        self.stats["tlb_entries_dropped"] += self.tlb.invalidate(inv)

@@ -1,0 +1,111 @@
+"""Seeded L2 workloads: the same spec and seed always give the same access sequence.
+
+Addresses are L2 *real* addresses (partition scope): L2's own process page tables are not
+modelled, so a trace of effective addresses (e.g. from ``valgrind --tool=lackey``) is folded
+into the guest's real address space modulo its footprint.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import Access
+
+PATTERNS = ("uniform", "hot", "sequential", "trace")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    pattern: str = "hot"
+    accesses: int = 20_000
+    seed: int = 1
+    footprint: int = 16 << 20
+    base: int = 0
+    store_fraction: float = 0.3
+    ifetch_fraction: float = 0.05
+    batch_size: int = 1024
+    trace_path: str = ""
+
+    def validate(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, not {self.pattern!r}")
+        if self.accesses < 0:
+            raise ValueError("accesses must be >= 0")
+        if self.footprint < 4096 or self.footprint % 4096:
+            raise ValueError("footprint must be a positive multiple of 4096 bytes")
+        if not 0 <= self.store_fraction <= 1 or not 0 <= self.ifetch_fraction <= 1 or self.store_fraction + self.ifetch_fraction > 1:
+            raise ValueError("store_fraction and ifetch_fraction must be in [0, 1] and sum to at most 1")
+        if not 1 <= self.batch_size <= 65536:
+            raise ValueError("batch_size must be in 1..65536")
+        if self.pattern == "trace" and not self.trace_path:
+            raise ValueError("pattern 'trace' needs trace_path")
+
+
+_LACKEY = re.compile(r"^\s*([ILSM])\s+([0-9a-fA-F]+),(\d+)")
+
+
+def read_lackey(path: str | Path) -> Iterator[tuple[int, int]]:
+    """(address, kind) from ``valgrind --tool=lackey --trace-mem=yes`` output; M = load+store."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            m = _LACKEY.match(line)
+            if not m:
+                continue
+            op, addr = m.group(1), int(m.group(2), 16)
+            if op == "I":
+                yield addr, Access.IFETCH
+            elif op == "L":
+                yield addr, Access.LOAD
+            elif op == "S":
+                yield addr, Access.STORE
+            else:
+                yield addr, Access.LOAD
+                yield addr, Access.STORE
+
+
+def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int], list[int]]]:
+    """Batches of (addresses, kinds) for one vCPU; deterministic in (spec, vcpu_index)."""
+    spec.validate()
+    rng = random.Random(spec.seed * 1_000_003 + vcpu_index)
+    total = spec.accesses
+    fp = spec.footprint
+    base = spec.base
+    pages = fp >> 12
+    st, ifr = spec.store_fraction, spec.ifetch_fraction
+    trace = iter(read_lackey(spec.trace_path)) if spec.pattern == "trace" else None
+    hot_pages = max(1, pages // 10)
+    seq = rng.randrange(pages) << 12
+    done = 0
+    while done < total:
+        n = min(spec.batch_size, total - done)
+        addrs: list[int] = []
+        kinds: list[int] = []
+        for _ in range(n):
+            if trace is not None:
+                try:
+                    a, k = next(trace)
+                except StopIteration:
+                    trace = iter(read_lackey(spec.trace_path))
+                    a, k = next(trace, (0, Access.LOAD))
+                addrs.append(base + (a % fp))
+                kinds.append(int(k))
+                continue
+            if spec.pattern == "uniform":
+                a = (rng.randrange(pages) << 12) | (rng.randrange(512) << 3)
+            elif spec.pattern == "hot":
+                if rng.random() < 0.9:
+                    a = (rng.randrange(hot_pages) << 12) | (rng.randrange(512) << 3)
+                else:
+                    a = (rng.randrange(pages) << 12) | (rng.randrange(512) << 3)
+            else:
+                seq = (seq + 64) % fp
+                a = seq
+            r = rng.random()
+            kinds.append(Access.STORE if r < st else Access.IFETCH if r < st + ifr else Access.LOAD)
+            addrs.append(base + a)
+        done += n
+        yield addrs, kinds
