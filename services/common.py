@@ -1,0 +1,151 @@
+"""What every nestmmu server shares: logging, request ids, health, reflection, errors, shutdown.
+
+The servers are thin adapters over :mod:`nestmmu.core`; this module keeps the adapter code
+that is not about any one level in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+REQUEST_ID_KEY = "x-request-id"
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+#: Deadline for every RPC one level makes to another (seconds).
+RPC_DEADLINE = 10.0
+#: How long L0 waits for one vCPU to acknowledge an invalidation before disconnecting it.
+BROADCAST_ACK_TIMEOUT = 2.0
+#: How long L0 waits for its L1 to answer a walk, a memory access or an exit.
+L1_CALL_TIMEOUT = 5.0
+
+
+def configure_logging(level: str = "info", json: bool | None = None) -> None:
+    """structlog: JSON to stdout when not a TTY (or when asked), console on a TTY."""
+    if json is None:
+        json = not sys.stdout.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bind a request id (from metadata or fresh) to the log context; one line per unary RPC."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.log = structlog.get_logger(service)
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        rid = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY) or new_request_id()
+        method = details.method
+        inner = handler.unary_unary
+        log = self.log
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id_var.set(rid)
+            structlog.contextvars.bind_contextvars(request_id=rid)
+            t0 = time.perf_counter()
+            try:
+                resp = await inner(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return resp
+            except Exception:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                if not method.startswith("/grpc."):
+                    log.info("rpc", method=method, code=getattr(code, "name", str(code)), ms=round((time.perf_counter() - t0) * 1e3, 3))
+                structlog.contextvars.unbind_contextvars("request_id")
+
+        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> grpc.Status:
+    """INVALID_ARGUMENT with google.rpc.BadRequest field violations."""
+    br = error_details_pb2.BadRequest()
+    for fld, desc in violations:
+        br.field_violations.add(field=fld, description=desc)
+    st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
+    st.details.add().Pack(br)
+    return rpc_status.to_status(st)
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, fld: str, desc: str) -> None:
+    await context.abort_with_status(bad_request(f"{fld}: {desc}", [(fld, desc)]))
+
+
+def metadata_with_request_id(rid: str | None = None) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_KEY, rid or request_id_var.get() or new_request_id()),)
+
+
+async def serve_forever(
+    name: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    host: str = "0.0.0.0",
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Start a grpc.aio server with health and reflection, serve until SIGTERM/SIGINT."""
+    log = structlog.get_logger(name)
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor(name)], options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+    services = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"{name}: cannot listen on {host}:{port}")
+    await server.start()
+    for svc in [*services, ""]:
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", port=bound, services=services)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping")
+    for svc in [*services, ""]:
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if on_stop is not None:
+        await on_stop()
+    await server.stop(grace=3.0)
+    log.info("stopped")

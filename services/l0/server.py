@@ -1,0 +1,758 @@
+"""L0Service: the host hypervisor as a grpc.aio server over :class:`nestmmu.core.l0.L0Hypervisor`.
+
+Theory of operation
+-------------------
+* **L1 sessions.** An L1 opens ``Connect`` (a bidi stream) and registers; L0 answers with a
+  secret session token.  Everything L0 keeps for that L1 (core ``L1Vm``, nested guests, run
+  tokens, run streams) hangs off that session; hcall RPCs name their L1 only through the token
+  in metadata, so no request field can reach another L1's state.  When the stream ends (the L1
+  left or died) L0 closes the L1's run streams and releases everything
+  (``kvmhv_release_all_nested``, then the L1 VM itself).
+* **Effects.** Core operations are generators (see ``nestmmu.core.effects``).  :meth:`drive`
+  answers their effects: walks, memory and exits go to the L1 as calls on its session stream;
+  ``tlb_lock`` is one asyncio.Lock per nested guest, held across the L1 walk exactly as the
+  kernel holds ``gp->tlb_lock`` (so an invalidation hcall from the L1 waits for an in-flight
+  fault and then removes what it inserted).  The L1 answers walks from its stream reader, never
+  behind its own pending hcall, so no cycle of waits exists.
+* **Ordering.** Right after every resume of a core generator (before any await) the outbox of
+  invalidations is drained and queued on the run streams of their LPID, and an access result
+  is queued on its stream as soon as the core returns it.  Each run stream has one ordered
+  outgoing queue and results are flushed before any tlbie is queued behind them, so a fill
+  never reaches a TLB after the tlbie that removed it.
+* **tlbsync.** An operation returns only after every live vCPU of the LPID acknowledged its
+  invalidations.  A vCPU whose stream ends counts as flushed; one that does not acknowledge
+  within ``BROADCAST_ACK_TIMEOUT`` seconds is disconnected, not waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from nestmmu.core import formats as f
+from nestmmu.core.audit import audit as core_audit
+from nestmmu.core.effects import (
+    AccessResult,
+    AcquireTlbLock,
+    Effect,
+    ExitAction,
+    ExitReply,
+    Invalidation,
+    Outcome,
+    Preempt,
+    ReadL1Memory,
+    ReflectExit,
+    ReleaseTlbLock,
+    Scope,
+    WalkL1Tree,
+    WriteL1Memory,
+)
+from nestmmu.core.formats import Access
+from nestmmu.core.l0 import ConfigError, HvGuestState, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
+from nestmmu.core.radix import WalkResult
+from nestmmu.core.vcpu import TlbEntry, allowed_mask
+from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
+
+from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever
+
+log = structlog.get_logger("l0")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SCOPE_TO_PB = {Scope.ADDRESS: common_pb2.INVALIDATION_SCOPE_ADDRESS, Scope.LPID: common_pb2.INVALIDATION_SCOPE_LPID, Scope.ALL: common_pb2.INVALIDATION_SCOPE_ALL}
+_OUTCOME_TO_PB = {
+    Outcome.FILL: l0_pb2.ACCESS_OUTCOME_FILL,
+    Outcome.STORAGE_INTERRUPT: l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT,
+    Outcome.MMIO_EMULATED: l0_pb2.ACCESS_OUTCOME_MMIO_EMULATED,
+    Outcome.L1_EMULATED: l0_pb2.ACCESS_OUTCOME_L1_EMULATED,
+    Outcome.ERROR: l0_pb2.ACCESS_OUTCOME_ERROR,
+}
+_EXIT_FROM_PB = {
+    l0_pb2.EXIT_ACTION_REENTER: ExitAction.REENTER,
+    l0_pb2.EXIT_ACTION_INJECT_STORAGE_INTERRUPT: ExitAction.INJECT_STORAGE_INTERRUPT,
+    l0_pb2.EXIT_ACTION_EMULATED_MMIO: ExitAction.L1_EMULATED,
+    l0_pb2.EXIT_ACTION_FAILED: ExitAction.FAILED,
+}
+_ACCESS_TO_PB = {Access.LOAD: common_pb2.ACCESS_KIND_LOAD, Access.STORE: common_pb2.ACCESS_KIND_STORE, Access.IFETCH: common_pb2.ACCESS_KIND_IFETCH}
+RUN_TOKEN_TTL = 60.0
+MAX_BATCH = 65536
+
+
+class L1Gone(Exception):
+    """The L1 a call was for has left; the operation cannot complete."""
+
+
+def fill_flags(pte: int, shift: int) -> int:
+    """AccessResults.flags: page shift in the low byte, shadow PTE permissions and R/C above."""
+    fl = shift & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK
+    if pte & f.PTE_EAA_READ:
+        fl |= l0_pb2.FILL_FLAG_READ
+    if pte & f.PTE_EAA_RW:
+        fl |= l0_pb2.FILL_FLAG_WRITE
+    if pte & f.PTE_EAA_EXEC:
+        fl |= l0_pb2.FILL_FLAG_EXECUTE
+    if pte & f.PTE_R:
+        fl |= l0_pb2.FILL_FLAG_REFERENCED
+    if pte & f.PTE_C:
+        fl |= l0_pb2.FILL_FLAG_CHANGED
+    return fl
+
+
+@dataclass(eq=False)
+class L1Session:
+    token: str
+    name: str
+    vm: L1Vm
+    out: asyncio.Queue[l0_pb2.L0Call | None] = field(default_factory=asyncio.Queue)
+    pending: dict[int, asyncio.Future[l0_pb2.L1Reply]] = field(default_factory=dict)
+    next_call: int = 1
+    released: bool = False
+    streams: set[RunStream] = field(default_factory=set)
+    tokens: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class RunStream:
+    """One vCPU's run stream: an ordered outgoing queue, buffered results, pending acks."""
+
+    session: L1Session
+    gp: KvmNestedGuest
+    vcpu_id: int
+    out: asyncio.Queue[l0_pb2.RunResponse | str | None] = field(default_factory=asyncio.Queue)
+    alive: bool = True
+    ref_held: bool = True
+    batch_id: int = 0
+    first_index: int = 0
+    res: l0_pb2.AccessResults | None = None
+    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    dumps: dict[int, asyncio.Future[list[TlbEntry]]] = field(default_factory=dict)
+
+    @property
+    def lpid(self) -> int:
+        return self.gp.shadow_lpid
+
+    def add_result(self, index: int, r: AccessResult) -> None:
+        if self.res is None:
+            self.res = l0_pb2.AccessResults(batch_id=self.batch_id, first_index=index)
+        res = self.res
+        res.outcomes.append(_OUTCOME_TO_PB[r.outcome])
+        t = r.translation
+        if t is not None:
+            res.page_addresses.append(t.page)
+            res.host_addresses.append(t.host)
+            res.flags.append(fill_flags(t.pte, t.shift))
+        else:
+            res.page_addresses.append(0)
+            res.host_addresses.append(0)
+            res.flags.append(0)
+        res.dsisrs.append(r.dsisr)
+
+    def flush_results(self, done: bool = False, next_index: int = 0) -> None:
+        if self.res is None and not done:
+            return
+        res = self.res or l0_pb2.AccessResults(batch_id=self.batch_id, first_index=next_index)
+        res.batch_done = done
+        self.res = None
+        self.out.put_nowait(l0_pb2.RunResponse(results=res))
+
+    def send_invalidations(self, items: list[tuple[int, Invalidation]]) -> list[asyncio.Future[None]]:
+        """Queue tlbies behind every result computed so far; futures resolve on ack."""
+        self.flush_results()
+        loop = asyncio.get_running_loop()
+        msg = l0_pb2.InvalidationBroadcast()
+        futs = []
+        for inv_id, inv in items:
+            msg.invalidations.add(id=inv_id, lpid=inv.lpid, scope=_SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason)
+            fut = self.acks[inv_id] = loop.create_future()
+            futs.append(fut)
+        self.out.put_nowait(l0_pb2.RunResponse(invalidate=msg))
+        return futs
+
+    def ack(self, ids: list[int]) -> None:
+        for i in ids:
+            fut = self.acks.pop(i, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def close(self, reason: str | None = None) -> None:
+        """The stream is gone (or being cut): its TLB is gone, so pending acks count as done."""
+        if not self.alive:
+            return
+        self.alive = False
+        for fut in self.acks.values():
+            if not fut.done():
+                fut.set_result(None)
+        self.acks.clear()
+        for d in self.dumps.values():
+            if not d.done():
+                d.set_result([])
+        self.out.put_nowait(reason if reason else None)
+
+
+class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
+    """Adapter: protobuf in, core call, protobuf out."""
+
+    def __init__(self, core: L0Hypervisor, ack_timeout: float = BROADCAST_ACK_TIMEOUT, l1_timeout: float = L1_CALL_TIMEOUT) -> None:
+        self.core = core
+        self.ack_timeout = ack_timeout
+        self.l1_timeout = l1_timeout
+        self.sessions: dict[str, L1Session] = {}  # token -> session
+        self.by_name: dict[str, L1Session] = {}
+        self.run_tokens: dict[str, tuple[L1Session, KvmNestedGuest, int]] = {}
+        self.streams: dict[int, set[RunStream]] = {}  # shadow LPID -> live run streams
+        self.locks: weakref.WeakKeyDictionary[KvmNestedGuest, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self.next_inv = 1
+        self.stats: Counter[str] = Counter()
+        self.latencies_us: list[float] = []
+
+    # ================================================================ effects
+    def _lock(self, gp: KvmNestedGuest) -> asyncio.Lock:
+        lock = self.locks.get(gp)
+        if lock is None:
+            lock = self.locks[gp] = asyncio.Lock()
+        return lock
+
+    async def drive(self, op: Generator[Effect, Any, Any], on_result: Callable[[Any], None] | None = None) -> Any:
+        """Run a core operation: answer its effects, broadcast its tlbies, wait for tlbsync."""
+        held: list[asyncio.Lock] = []
+        waiters: list[tuple[RunStream, asyncio.Future[None], float]] = []
+        try:
+            eff = op.send(None)
+            while True:
+                waiters += self.broadcast(self.core.take_invalidations())
+                ans = await self.answer(eff, held)
+                eff = op.send(ans)
+        except StopIteration as stop:
+            result = stop.value
+            waiters += self.broadcast(self.core.take_invalidations())
+            if on_result is not None:
+                on_result(result)  # queued before any later tlbie can be
+        finally:
+            for lock in held:
+                lock.release()
+            waiters += self.broadcast(self.core.take_invalidations())
+        if waiters:
+            await self.wait_acks(waiters)
+        return result
+
+    async def answer(self, eff: Effect, held: list[asyncio.Lock]) -> Any:
+        if isinstance(eff, WalkL1Tree):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=eff.pate_dw0, l1_lpid=eff.l1_lpid, n_gpa=eff.n_gpa)))
+            w = r.walk
+            if w.ok:
+                return WalkResult(0, w.leaf_pte, w.l1_gpa, w.page_shift, 0, w.leaf_address, w.memory_references)
+            return WalkResult(w.dsisr_code or f.DSISR_NOHPTE, fault_gpa=w.fault_gpa, refs=w.memory_references)
+        if isinstance(eff, ReadL1Memory):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(read_memory=l0_pb2.ReadMemoryCall(gpa=eff.gpa, length=eff.length)))
+            return r.read_memory.data if r.read_memory.ok else None
+        if isinstance(eff, WriteL1Memory):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(write_memory=l0_pb2.WriteMemoryCall(gpa=eff.gpa, data=eff.data)))
+            return r.write_memory.ok
+        if isinstance(eff, ReflectExit):
+            ex = eff.exit
+            self.stats["exits_reflected"] += 1
+            r = await self.call_l1(
+                eff.l1,
+                l0_pb2.L0Call(
+                    handle_exit=l0_pb2.HandleExitCall(
+                        l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access]
+                    )
+                ),
+            )
+            h = r.handle_exit
+            return ExitReply(_EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
+        if isinstance(eff, AcquireTlbLock):
+            lock = self._lock(eff.gp)
+            await lock.acquire()
+            held.append(lock)
+            return None
+        if isinstance(eff, ReleaseTlbLock):
+            lock = self._lock(eff.gp)
+            lock.release()
+            held.remove(lock)
+            return None
+        if isinstance(eff, Preempt):
+            return None
+        raise TypeError(f"unknown effect {eff!r}")
+
+    async def call_l1(self, vm: L1Vm, call: l0_pb2.L0Call) -> l0_pb2.L1Reply:
+        s = self.by_name.get(vm.name)
+        if s is None or s.released or s.vm is not vm:
+            raise L1Gone(f"L1 {vm.name!r} is gone")
+        call.call_id = s.next_call
+        call.request_id = request_id_var.get()
+        s.next_call += 1
+        fut: asyncio.Future[l0_pb2.L1Reply] = asyncio.get_running_loop().create_future()
+        s.pending[call.call_id] = fut
+        s.out.put_nowait(call)
+        try:
+            reply = await asyncio.wait_for(fut, self.l1_timeout)
+        finally:
+            s.pending.pop(call.call_id, None)
+        if reply.error:
+            raise L1Gone(f"L1 {vm.name!r} failed the call: {reply.error}")
+        return reply
+
+    # ================================================================ broadcasts
+    def broadcast(self, invs: list[Invalidation]) -> list[tuple[RunStream, asyncio.Future[None], float]]:
+        if not invs:
+            return []
+        now = time.perf_counter()
+        per_stream: dict[RunStream, list[tuple[int, Invalidation]]] = {}
+        for inv in invs:
+            self.stats[f"invalidations.{inv.reason or inv.scope.value}"] += 1
+            inv_id = self.next_inv
+            self.next_inv += 1
+            targets = [s for ss in self.streams.values() for s in ss] if inv.scope is Scope.ALL else self.streams.get(inv.lpid, ())
+            for st in targets:
+                if st.alive:
+                    per_stream.setdefault(st, []).append((inv_id, inv))
+        waiters = []
+        for st, items in per_stream.items():
+            for fut in st.send_invalidations(items):
+                waiters.append((st, fut, now))
+        self.stats["broadcast_messages"] += len(per_stream)
+        return waiters
+
+    async def wait_acks(self, waiters: list[tuple[RunStream, asyncio.Future[None], float]]) -> None:
+        futs = {w[1] for w in waiters}
+        t0 = min(w[2] for w in waiters)
+        done, pending = await asyncio.wait(futs, timeout=self.ack_timeout)
+        for st, fut, _ in waiters:
+            if fut in pending and st.alive:
+                self.stats["vcpus_disconnected_no_ack"] += 1
+                log.warning("vcpu_disconnected", reason="no tlbsync ack", timeout_s=self.ack_timeout, shadow_lpid=st.lpid, vcpu=st.vcpu_id)
+                st.close(f"no acknowledgement of an invalidation within {self.ack_timeout}s")
+        self.stats["broadcast_acks"] += len(done)
+        self.latencies_us.append((time.perf_counter() - t0) * 1e6)
+        if len(self.latencies_us) > 100_000:
+            del self.latencies_us[: len(self.latencies_us) // 2]
+
+    # ================================================================ sessions
+    def session_of(self, context: grpc.aio.ServicerContext) -> L1Session | None:
+        md = dict(context.invocation_metadata() or ())
+        tok = md.get(SESSION_METADATA_KEY)
+        if not tok:
+            return None
+        s = self.sessions.get(tok)
+        return None if s is None or s.released else s
+
+    async def _session(self, context: grpc.aio.ServicerContext) -> L1Session:
+        s = self.session_of(context)
+        if s is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"hcalls need a live L1 session token in metadata {SESSION_METADATA_KEY!r} (from Connect)")
+        assert s is not None
+        return s
+
+    async def Connect(self, request_iterator: AsyncIterator[l0_pb2.ConnectRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.ConnectResponse]:
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        if not first.HasField("register"):
+            await abort_invalid(context, "register", "the first message of Connect must be a Register")
+        reg = first.register
+        if not _NAME_RE.match(reg.name):
+            await abort_invalid(context, "register.name", "must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit")
+        if reg.name in self.by_name:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"an L1 named {reg.name!r} is already connected")
+        slots: list[Memslot] = []
+        for i, m in enumerate(reg.memslots):
+            if m.kind == common_pb2.MEMSLOT_KIND_MMIO_HOLE:
+                continue  # holes are where no memslot is
+            if m.kind not in (common_pb2.MEMSLOT_KIND_NORMAL, common_pb2.MEMSLOT_KIND_READ_ONLY):
+                await abort_invalid(context, f"register.memslots[{i}].kind", "must be NORMAL, READ_ONLY or MMIO_HOLE")
+            slots.append(Memslot(i, m.base_gfn_addr, m.size_bytes, m.kind == common_pb2.MEMSLOT_KIND_READ_ONLY, m.backing_shift, m.dirty_logging))
+        try:
+            vm = self.core.create_l1(reg.name, slots)
+        except ConfigError as e:
+            await context.abort_with_status(bad_request(str(e), [("register.memslots", str(e))]))
+            return
+        s = L1Session(secrets.token_urlsafe(24), reg.name, vm)
+        self.sessions[s.token] = s
+        self.by_name[s.name] = s
+        structlog.contextvars.bind_contextvars(l1=s.name)
+        log.info("l1_connected", l1_lpid_host=vm.lpid, memslots=len(slots))
+        reader = asyncio.create_task(self._read_replies(s, it))
+        try:
+            yield l0_pb2.ConnectResponse(registered=l0_pb2.Registered(session_token=s.token, l1_lpid_host=vm.lpid, page_shift=self.core.page_shift))
+            while True:
+                call = await s.out.get()
+                if call is None:
+                    break
+                msg = l0_pb2.ConnectResponse(calls=[call])
+                while not s.out.empty():
+                    nxt = s.out.get_nowait()
+                    if nxt is None:
+                        s.out.put_nowait(None)
+                        break
+                    msg.calls.append(nxt)
+                yield msg
+        finally:
+            reader.cancel()
+            self.release_l1(s)
+
+    async def _read_replies(self, s: L1Session, it: AsyncIterator[l0_pb2.ConnectRequest]) -> None:
+        try:
+            async for req in it:
+                for r in req.replies:
+                    fut = s.pending.get(r.call_id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(r)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            s.out.put_nowait(None)
+
+    def release_l1(self, s: L1Session) -> None:
+        """The L1 left or died: close its vCPUs' streams and release everything it had (I7)."""
+        if s.released:
+            return
+        s.released = True
+        self.sessions.pop(s.token, None)
+        if self.by_name.get(s.name) is s:
+            del self.by_name[s.name]
+        for fut in s.pending.values():
+            if not fut.done():
+                fut.set_exception(L1Gone(f"L1 {s.name!r} disconnected"))
+        for tok in list(s.tokens):
+            got = self.run_tokens.pop(tok, None)
+            if got is not None:
+                self.core.kvmhv_put_nested(got[1])
+        for st in list(s.streams):
+            self._drop_stream(st, "the L1 running this vCPU is gone")
+        self.core.destroy_l1(s.vm)
+        self.broadcast(self.core.take_invalidations())
+        self.stats["l1_released"] += 1
+        log.info("l1_released", l1=s.name)
+
+    # ================================================================ hcalls
+    async def SetPartitionTable(self, request: l0_pb2.SetPartitionTableRequest, context: grpc.aio.ServicerContext) -> l0_pb2.SetPartitionTableResponse:
+        s = await self._session(context)
+        return l0_pb2.SetPartitionTableResponse(hcall_rc=self.core.h_set_partition_table(s.vm, request.ptcr))
+
+    async def EnterNested(self, request: l0_pb2.EnterNestedRequest, context: grpc.aio.ServicerContext) -> l0_pb2.EnterNestedResponse:
+        s = await self._session(context)
+        if not request.HasField("state"):
+            await abort_invalid(context, "state", "H_ENTER_NESTED needs an hv_guest_state")
+        st = request.state
+        rc, gp = await self._hcall(context, self.core.h_enter_nested(s.vm, HvGuestState(st.version, st.lpid, st.vcpu_token, st.transactional)))
+        if rc != f.H.SUCCESS or gp is None:
+            return l0_pb2.EnterNestedResponse(hcall_rc=rc)
+        token = secrets.token_urlsafe(18)
+        self.run_tokens[token] = (s, gp, st.vcpu_token)
+        s.tokens.add(token)
+        asyncio.get_running_loop().call_later(RUN_TOKEN_TTL, self._expire_token, token)
+        return l0_pb2.EnterNestedResponse(hcall_rc=rc, run_token=token, shadow_lpid=gp.shadow_lpid)
+
+    def _expire_token(self, token: str) -> None:
+        got = self.run_tokens.pop(token, None)
+        if got is not None:
+            got[0].tokens.discard(token)
+            self.core.kvmhv_put_nested(got[1])
+            self.broadcast(self.core.take_invalidations())
+            self.stats["run_tokens_expired"] += 1
+
+    async def _hcall(self, context: grpc.aio.ServicerContext, op: Generator[Effect, Any, Any]) -> Any:
+        try:
+            return await self.drive(op)
+        except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the L1 did not answer a call this hcall needs: {e}")
+
+    async def TlbInvalidate(self, request: l0_pb2.TlbInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.TlbInvalidateResponse:
+        s = await self._session(context)
+        rc = await self._hcall(context, self.core.h_tlb_invalidate(s.vm, request.instr, request.rs, request.rb))
+        return l0_pb2.TlbInvalidateResponse(hcall_rc=rc)
+
+    async def RptInvalidate(self, request: l0_pb2.RptInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.RptInvalidateResponse:
+        s = await self._session(context)
+        r = request
+        rc = await self._hcall(context, self.core.h_rpt_invalidate(s.vm, r.id, r.target, r.type, r.page_sizes, r.start, r.end))
+        return l0_pb2.RptInvalidateResponse(hcall_rc=rc)
+
+    async def CopyToFromGuest(self, request: l0_pb2.CopyToFromGuestRequest, context: grpc.aio.ServicerContext) -> l0_pb2.CopyToFromGuestResponse:
+        s = await self._session(context)
+        r = request
+        rc = await self._hcall(context, self.core.h_copy_tofrom_guest(s.vm, r.lpid, r.pid, r.eaddr, r.to_gpa, r.from_gpa, r.length))
+        return l0_pb2.CopyToFromGuestResponse(hcall_rc=rc)
+
+    # ================================================================ vCPU run streams
+    async def Run(self, request_iterator: AsyncIterator[l0_pb2.RunRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.RunResponse]:
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        if not first.HasField("attach"):
+            await abort_invalid(context, "attach", "the first message of Run must be RunAttach")
+        got = self.run_tokens.pop(first.attach.run_token, None)
+        if got is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or already used run token (get one from L1's AttachVcpu / H_ENTER_NESTED)")
+            return
+        s, gp, vcpu_id = got
+        s.tokens.discard(first.attach.run_token)
+        st = RunStream(s, gp, vcpu_id)
+        s.streams.add(st)
+        self.streams.setdefault(gp.shadow_lpid, set()).add(st)
+        self.stats["run_streams_opened"] += 1
+        bound = structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
+        log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
+        batches: asyncio.Queue[l0_pb2.AccessBatch | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_run(st, it, batches))
+        worker = asyncio.create_task(self._run_worker(st, batches))
+        try:
+            yield l0_pb2.RunResponse(attached=l0_pb2.RunAttached(shadow_lpid=gp.shadow_lpid, l1_lpid=gp.l1_lpid, page_shift=self.core.page_shift))
+            while True:
+                msg = await st.out.get()
+                if msg is None:
+                    break
+                if isinstance(msg, str):
+                    if msg.startswith("invalid:"):
+                        _, fld, desc = msg.split(":", 2)
+                        await abort_invalid(context, fld, desc)
+                    await context.abort(grpc.StatusCode.ABORTED, msg)
+                yield msg
+        finally:
+            reader.cancel()
+            worker.cancel()
+            self._drop_stream(st, None)
+            structlog.contextvars.reset_contextvars(**bound)
+
+    async def _read_run(self, st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+        try:
+            async for req in it:
+                kind = req.WhichOneof("message")
+                if kind == "batch":
+                    batches.put_nowait(req.batch)
+                elif kind == "ack":
+                    st.ack(list(req.ack.invalidation_ids))
+                elif kind == "tlb_dump":
+                    fut = st.dumps.pop(req.tlb_dump.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result([TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries])
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            batches.put_nowait(None)
+
+    def _check_batch(self, b: l0_pb2.AccessBatch) -> str | None:
+        n = len(b.addresses)
+        if len(b.kinds) != n:
+            return f"invalid:batch.kinds:has {len(b.kinds)} bytes for {n} addresses"
+        if n > MAX_BATCH:
+            return f"invalid:batch.addresses:at most {MAX_BATCH} accesses per batch"
+        if any(k not in (1, 2, 3) for k in b.kinds):
+            return "invalid:batch.kinds:each kind must be 1 (load), 2 (store) or 3 (ifetch)"
+        if n and max(b.addresses) >= 1 << 52:
+            return "invalid:batch.addresses:L2 real addresses must be below 2^52"
+        return None
+
+    async def _run_worker(self, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+        core = self.core
+        try:
+            while True:
+                b = await batches.get()
+                if b is None or not st.alive:
+                    break
+                err = self._check_batch(b)
+                if err:
+                    st.close(err)
+                    break
+                rid = b.request_id or new_request_id()
+                request_id_var.set(rid)
+                structlog.contextvars.bind_contextvars(request_id=rid)
+                st.batch_id = b.batch_id
+                gp = st.gp
+                vcpu_id = st.vcpu_id
+                n = 0
+                for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
+                    if not st.alive:
+                        break
+                    if gp.freed:
+                        st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
+                        continue
+                    try:
+                        await self.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), lambda r, i=i: st.add_result(i, r))
+                    except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+                        st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
+                        self.stats["access_errors_l1_unavailable"] += 1
+                    n += 1
+                if st.alive:
+                    st.flush_results(done=True, next_index=len(b.addresses))
+                self.stats["batches"] += 1
+                self.stats["accesses"] += n
+                structlog.contextvars.unbind_contextvars("request_id")
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # pragma: no cover - a bug: cut this vCPU, keep the server
+            log.exception("run_worker_failed")
+            st.close("internal error in L0 while running accesses")
+
+    def _drop_stream(self, st: RunStream, reason: str | None) -> None:
+        st.close(reason)
+        st.session.streams.discard(st)
+        ss = self.streams.get(st.lpid)
+        if ss is not None:
+            ss.discard(st)
+            if not ss:
+                del self.streams[st.lpid]
+        if st.ref_held:
+            st.ref_held = False
+            if not st.gp.freed:
+                self.core.kvmhv_put_nested(st.gp)
+                self.broadcast(self.core.take_invalidations())
+            self.stats["run_streams_closed"] += 1
+            log.info("vcpu_detached", shadow_lpid=st.lpid, vcpu=st.vcpu_id)
+
+    # ================================================================ host operations
+    async def _vm(self, context: grpc.aio.ServicerContext, name: str) -> L1Vm:
+        s = self.by_name.get(name)
+        if s is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no L1 named {name!r} is connected")
+        assert s is not None
+        return s.vm
+
+    async def _host_op(self, context: grpc.aio.ServicerContext, fn: Callable[[], Any], fld: str) -> tuple[Any, int]:
+        try:
+            result = fn()
+        except ConfigError as e:
+            await abort_invalid(context, fld, str(e))
+        invs = self.core.take_invalidations()
+        waiters = self.broadcast(invs)
+        if waiters:
+            await self.wait_acks(waiters)
+        return result, len(invs)
+
+    async def HostUnmap(self, request: l0_pb2.HostUnmapRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostUnmapResponse:
+        vm = await self._vm(context, request.l1_name)
+        _, n = await self._host_op(context, lambda: self.core.host_unmap(vm, request.gpa), "gpa")
+        return l0_pb2.HostUnmapResponse(invalidations=n)
+
+    async def HostMigrate(self, request: l0_pb2.HostMigrateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostMigrateResponse:
+        vm = await self._vm(context, request.l1_name)
+        (_, old, new), n = await self._host_op(context, lambda: self.core.host_migrate(vm, request.gpa), "gpa")
+        return l0_pb2.HostMigrateResponse(old_host_address=old, new_host_address=new, invalidations=n)
+
+    async def SetDirtyLogging(self, request: l0_pb2.SetDirtyLoggingRequest, context: grpc.aio.ServicerContext) -> l0_pb2.SetDirtyLoggingResponse:
+        vm = await self._vm(context, request.l1_name)
+        await self._host_op(context, lambda: self.core.set_dirty_logging(vm, request.slot_index, request.enabled), "slot_index")
+        return l0_pb2.SetDirtyLoggingResponse()
+
+    async def HarvestDirty(self, request: l0_pb2.HarvestDirtyRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HarvestDirtyResponse:
+        vm = await self._vm(context, request.l1_name)
+        dirty, n = await self._host_op(context, lambda: self.core.harvest_dirty(vm, request.slot_index), "slot_index")
+        return l0_pb2.HarvestDirtyResponse(dirty_gpas=dirty, invalidations=n)
+
+    # ================================================================ inspection
+    def counters(self) -> dict[str, int]:
+        out = {f"l0.{k}": int(v) for k, v in self.core.stats.items()}
+        out.update({f"svc.{k}": int(v) for k, v in self.stats.items()})
+        out["svc.l1_sessions"] = len(self.by_name)
+        out["svc.run_streams"] = sum(len(v) for v in self.streams.values())
+        out["svc.lpids_in_use"] = len(self.core.lpids_in_use)
+        lat = sorted(self.latencies_us)
+        if lat:
+            out["svc.broadcast_latency_us_p50"] = int(lat[len(lat) // 2])
+            out["svc.broadcast_latency_us_p99"] = int(lat[min(len(lat) - 1, (len(lat) * 99) // 100)])
+        return out
+
+    async def GetStats(self, request: l0_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> l0_pb2.GetStatsResponse:
+        resp = l0_pb2.GetStatsResponse(counters=common_pb2.Counters(values=self.counters()))
+        for s in self.by_name.values():
+            leaves = sum(len(self.core.shadow_leaves(gp)) for gp in s.vm.nested.values())
+            resp.l1_summaries.add(name=s.name, l1_lpid_host=s.vm.lpid, nested_guests=len(s.vm.nested), shadow_leaves=leaves, run_streams=len(s.streams))
+        return resp
+
+    async def DumpShadowTree(self, request: l0_pb2.DumpShadowTreeRequest, context: grpc.aio.ServicerContext) -> l0_pb2.DumpShadowTreeResponse:
+        vm = await self._vm(context, request.l1_name)
+        gp = vm.nested.get(request.l1_lpid)
+        if gp is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"L1 {request.l1_name!r} has no nested guest with lpid {request.l1_lpid}")
+        assert gp is not None
+        resp = l0_pb2.DumpShadowTreeResponse(shadow_lpid=gp.shadow_lpid)
+        for slot in self.core.shadow_leaves(gp):
+            resp.leaves.add(n_gpa=slot.gpa, pte=slot.pte, host_address=slot.pte & f.PTE_RPN_MASK, page_shift=slot.shift)
+        return resp
+
+    async def Audit(self, request: l0_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> l0_pb2.AuditResponse:
+        """I1-I7 across the services: L1 trees walked over the sessions, TLBs dumped by vCPUs."""
+        walks: dict[tuple[str, int, int], WalkResult] = {}
+        jobs = []
+        for s in list(self.by_name.values()):
+            for gp in list(s.vm.nested.values()):
+                for slot in self.core.shadow_leaves(gp):
+                    key = (s.name, gp.l1_gr_to_hr, slot.gpa)
+                    if key not in walks:
+                        walks[key] = WalkResult(f.DSISR_NOHPTE)
+                        jobs.append((key, s.vm))
+
+        async def one(key: tuple[str, int, int], vm: L1Vm) -> None:
+            try:
+                walks[key] = await self.answer(WalkL1Tree(vm, 0, key[1], key[2]), [])
+            except (L1Gone, TimeoutError, asyncio.TimeoutError):
+                walks[key] = WalkResult(f.DSISR_PRTABLE_FAULT)
+
+        await asyncio.gather(*(one(k, vm) for k, vm in jobs))
+        tlbs: list[tuple[str, TlbEntry]] = []
+        loop = asyncio.get_running_loop()
+        dumps = []
+        for ss in self.streams.values():
+            for st in ss:
+                if st.alive:
+                    did = self.next_inv
+                    self.next_inv += 1
+                    fut: asyncio.Future[list[TlbEntry]] = loop.create_future()
+                    st.dumps[did] = fut
+                    st.flush_results()
+                    st.out.put_nowait(l0_pb2.RunResponse(tlb_dump_request=l0_pb2.TlbDumpRequest(id=did)))
+                    dumps.append((st, fut))
+        if dumps:
+            await asyncio.wait([d[1] for d in dumps], timeout=self.ack_timeout)
+        for st, fut in dumps:
+            if fut.done():
+                tlbs += [(f"{st.session.name}/{st.gp.l1_lpid}/{st.vcpu_id}", e) for e in fut.result()]
+        rep = core_audit(self.core, lambda name, pate, gpa: walks.get((name, pate, gpa), WalkResult(f.DSISR_NOHPTE)), tlbs)
+        # Service-level I7: no stream or token outlives its L1 or its guest.
+        for ss in self.streams.values():
+            for st in ss:
+                if st.session.released:
+                    rep.add("I7", f"run stream of released L1 {st.session.name!r} still open")
+        for tok, (s, gp, _) in self.run_tokens.items():
+            if s.released or gp.freed:
+                rep.add("I7", f"run token of released L1 {s.name!r} or freed guest still valid")
+        rep.count("tlb_dumps", len(dumps))
+        resp = l0_pb2.AuditResponse(ok=rep.ok, checked=common_pb2.Counters(values=rep.checked))
+        for v in rep.violations:
+            resp.violations.add(invariant=v.invariant, detail=v.detail)
+        self.stats["audits"] += 1
+        if not rep.ok:
+            log.warning("audit_violations", count=len(rep.violations), first=str(rep.violations[0]))
+        return resp
+
+
+def create_servicer(page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT) -> L0Servicer:
+    return L0Servicer(L0Hypervisor(L0Config(page_shift=page_shift)), ack_timeout=ack_timeout)
+
+
+async def serve(port: int, host: str = "0.0.0.0", page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT, ready: asyncio.Event | None = None) -> None:
+    servicer = create_servicer(page_shift, ack_timeout)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        l0_pb2_grpc.add_L0ServiceServicer_to_server(servicer, server)
+        return [L0_SERVICE_NAME]
+
+    async def on_stop() -> None:
+        for s in list(servicer.by_name.values()):
+            s.out.put_nowait(None)
+
+    await serve_forever("l0", port, register, on_stop, host=host, ready=ready)
