@@ -1171,10 +1171,15 @@ class L0Hypervisor:
             removed += 1
         old = new = 0
         if backing is not None:
-            old = backing[0]
-            self._free_backing(vm, chunk, backing[0], backing[1])
+            old, bshift = backing
             if migrate:
-                new, _ = self.host_faultin(vm, memslot, chunk)
+                # Take the destination while the source is still held: the allocator is LIFO,
+                # so faulting in after the free would hand back the same page (no move).
+                new = self.alloc.alloc(1 << bshift)
+            self._free_backing(vm, chunk, old, bshift)
+            if migrate:
+                vm.backing[chunk] = (new, bshift)
+                self.owner[new] = (vm.name, chunk, bshift)
         vm.mmu_invalidate_in_progress -= 1
         vm.mmu_invalidate_seq += 1
         self.stats["host_migrate" if migrate else "host_unmap"] += 1
