@@ -1,0 +1,194 @@
+"""The L2 service: runs seeded workloads on L2 vCPUs (see :mod:`.runner`) and reports.
+
+RunWorkload attaches ``vcpus`` vCPUs of one guest through its L1 (creating the guest first
+when the request names lpid 0), runs them concurrently as asyncio tasks in this process and
+returns one WorkloadReport that sums their counters. A vCPU that fails (attach refused, Run
+stream broken) is reported in the report (``errors`` and ``error_details``), not as a gRPC
+error: only malformed requests and an unreachable L1 are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from nestmmu.core import formats as f
+from nestmmu.core.l1 import GUEST_PAGE_SHIFTS
+from nestmmu.core.workload import WorkloadSpec
+from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
+
+from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
+from .runner import LiveVcpu, run_vcpu
+
+if TYPE_CHECKING:
+    Ctx = grpc.aio.ServicerContext[Any, Any]
+
+log = structlog.get_logger("l2")
+
+MAX_VCPUS = 256
+DEFAULT_GUEST_PAGE_SHIFT = 16
+#: Report fields filled from the vCPU counters of the same name.
+_REPORT_FIELDS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "errors", "invalidations_applied", "acks_sent")
+
+
+def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
+    """Workload -> WorkloadSpec; empty/zero pattern, accesses, footprint_bytes, batch_size mean the defaults."""
+    d = WorkloadSpec()
+    return WorkloadSpec(
+        pattern=w.pattern or d.pattern,
+        accesses=w.accesses or d.accesses,
+        seed=w.seed,
+        footprint=w.footprint_bytes or d.footprint,
+        store_fraction=w.store_fraction,
+        ifetch_fraction=w.ifetch_fraction,
+        batch_size=w.batch_size or d.batch_size,
+        trace_path=w.trace_path,
+    )
+
+
+def field_of_spec_error(msg: str) -> str:
+    """The Workload field a WorkloadSpec.validate() message is about."""
+    if "trace_path" in msg:
+        return "workload.trace_path"
+    for word, fld in (
+        ("pattern", "pattern"),
+        ("accesses", "accesses"),
+        ("footprint", "footprint_bytes"),
+        ("store_fraction", "store_fraction"),
+        ("ifetch_fraction", "ifetch_fraction"),
+        ("batch_size", "batch_size"),
+    ):
+        if msg.startswith(word):
+            return f"workload.{fld}"
+    return "workload"
+
+
+def report_from_counters(total: Counter[str], seconds: float, lpid: int, vcpus: int, details: list[str]) -> l2_pb2.WorkloadReport:
+    rep = l2_pb2.WorkloadReport(seconds=seconds, lpid=lpid, vcpus=vcpus, error_details=details)
+    for name in _REPORT_FIELDS:
+        setattr(rep, name, int(total[name]))
+    rep.mmio = int(total["mmio_emulated"] + total["l1_emulated"])
+    for k, v in sorted(total.items()):
+        if k != "seconds":
+            rep.extra[k] = int(v)
+    return rep
+
+
+def translation_of(page: int, host: int, shift: int, pte: int) -> common_pb2.Translation:
+    return common_pb2.Translation(
+        page_address=page,
+        host_address=host,
+        page_shift=shift,
+        read=bool(pte & (f.PTE_EAA_READ | f.PTE_EAA_RW)),
+        write=bool(pte & f.PTE_EAA_RW),
+        execute=bool(pte & f.PTE_EAA_EXEC),
+        referenced=bool(pte & f.PTE_R),
+        changed=bool(pte & f.PTE_C),
+    )
+
+
+class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
+    """L2Service: workloads on vCPUs of nested guests, their reports and TLBs."""
+
+    def __init__(self) -> None:
+        self.reports: list[l2_pb2.WorkloadReport] = []
+        self.live: dict[int, LiveVcpu] = {}
+        self._tasks: set[asyncio.Task[Counter[str]]] = set()
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _create_guest(self, context: Ctx, l1_address: str, page_shift: int, memory: int) -> tuple[int, int]:
+        async with grpc.aio.insecure_channel(l1_address) as channel:
+            try:
+                resp = await l1_pb2_grpc.L1ServiceStub(channel).CreateGuest(
+                    l1_pb2.CreateGuestRequest(page_shift=page_shift, memory_bytes=memory), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
+                )
+            except grpc.aio.AioRpcError as e:
+                code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE) else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"CreateGuest via L1 at {l1_address} failed: {e.code().name}: {e.details()}")
+        return resp.lpid, resp.hcall_rc
+
+    async def RunWorkload(self, request: l2_pb2.RunWorkloadRequest, context: Ctx) -> l2_pb2.RunWorkloadResponse:
+        if not request.l1_address:
+            await abort_invalid(context, "l1_address", "the L1 service address (host:port) is required")
+        if not 1 <= request.vcpus <= MAX_VCPUS:
+            await abort_invalid(context, "vcpus", f"must be in 1..{MAX_VCPUS}")
+        page_shift = request.page_shift or DEFAULT_GUEST_PAGE_SHIFT
+        if page_shift not in GUEST_PAGE_SHIFTS:
+            await abort_invalid(context, "page_shift", f"must be one of {GUEST_PAGE_SHIFTS} (0 = {DEFAULT_GUEST_PAGE_SHIFT})")
+        spec = spec_from_proto(request.workload) if request.HasField("workload") else WorkloadSpec()
+        try:
+            spec.validate()
+        except ValueError as e:
+            await abort_invalid(context, field_of_spec_error(str(e)), str(e))
+        if spec.pattern == "trace" and not os.path.isfile(spec.trace_path):
+            await abort_invalid(context, "workload.trace_path", f"no such file in the L2 service: {spec.trace_path}")
+        details: list[str] = []
+        lpid = request.lpid
+        if lpid == 0:
+            page = 1 << page_shift
+            memory = (spec.base + spec.footprint + page - 1) // page * page
+            lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory)
+            if rc != f.H.SUCCESS:
+                details.append(f"CreateGuest: the flush hcall returned {rc}")
+        log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed)
+        t0 = time.perf_counter()
+        tasks = [
+            asyncio.create_task(run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details), name=f"vcpu-{lpid}-{i}")
+            for i in range(request.vcpus)
+        ]
+        self._tasks.update(tasks)
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            self._tasks.difference_update(tasks)
+            for t in tasks:
+                t.cancel()
+        total: Counter[str] = Counter()
+        for c in results:
+            total.update({k: v for k, v in c.items() if k != "seconds"})
+        rep = report_from_counters(total, time.perf_counter() - t0, lpid, request.vcpus, details)
+        self.reports.append(rep)
+        log.info(
+            "workload_done",
+            lpid=lpid,
+            seconds=round(rep.seconds, 3),
+            accesses=rep.accesses,
+            tlb_hits=rep.tlb_hits,
+            fills=rep.fills,
+            errors=rep.errors,
+            invalidations=rep.invalidations_applied,
+        )
+        return l2_pb2.RunWorkloadResponse(report=rep)
+
+    async def GetReport(self, request: l2_pb2.GetReportRequest, context: Ctx) -> l2_pb2.GetReportResponse:
+        return l2_pb2.GetReportResponse(reports=self.reports)
+
+    async def DumpTlb(self, request: l2_pb2.DumpTlbRequest, context: Ctx) -> l2_pb2.DumpTlbResponse:
+        entries = [
+            l2_pb2.TlbEntry(vcpu_id=lv.vcpu_id, lpid=e.lpid, translation=translation_of(e.page, e.host, e.shift, e.pte))
+            for lv in list(self.live.values())
+            for e in lv.vcpu.tlb.entries()
+        ]
+        return l2_pb2.DumpTlbResponse(entries=entries)
+
+
+def add_to_server(server: grpc.aio.Server, servicer: L2Servicer) -> Iterable[str]:
+    l2_pb2_grpc.add_L2ServiceServicer_to_server(servicer, server)
+    return [L2_SERVICE_NAME]
+
+
+async def serve(port: int, host: str = "0.0.0.0", ready: asyncio.Event | None = None) -> None:
+    """Serve L2Service on host:port until SIGTERM/SIGINT (``ready`` is set once listening)."""
+    servicer = L2Servicer()
+    await serve_forever("l2", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=ready)
