@@ -245,31 +245,23 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
         return result
 
     async def answer(self, eff: Effect, held: list[asyncio.Lock]) -> Any:
-        if isinstance(eff, WalkL1Tree):
-            r = await self.call_l1(eff.l1, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=eff.pate_dw0, l1_lpid=eff.l1_lpid, n_gpa=eff.n_gpa)))
-            w = r.walk
-            if w.ok:
-                return WalkResult(0, w.leaf_pte, w.l1_gpa, w.page_shift, 0, w.leaf_address, w.memory_references)
-            return WalkResult(w.dsisr_code or f.DSISR_NOHPTE, fault_gpa=w.fault_gpa, refs=w.memory_references)
-        if isinstance(eff, ReadL1Memory):
-            r = await self.call_l1(eff.l1, l0_pb2.L0Call(read_memory=l0_pb2.ReadMemoryCall(gpa=eff.gpa, length=eff.length)))
-            return r.read_memory.data if r.read_memory.ok else None
-        if isinstance(eff, WriteL1Memory):
-            r = await self.call_l1(eff.l1, l0_pb2.L0Call(write_memory=l0_pb2.WriteMemoryCall(gpa=eff.gpa, data=eff.data)))
-            return r.write_memory.ok
-        if isinstance(eff, ReflectExit):
-            ex = eff.exit
-            self.stats["exits_reflected"] += 1
-            r = await self.call_l1(
-                eff.l1,
-                l0_pb2.L0Call(
-                    handle_exit=l0_pb2.HandleExitCall(
-                        l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access]
-                    )
-                ),
-            )
-            h = r.handle_exit
-            return ExitReply(_EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
+        """Answer one effect.  An L1 that cannot answer (gone, timed out) gets the
+        architectural outcome of unreadable L1 memory, never an exception through the core:
+        a failed read is kvm_read_guest failing, a failed walk is PRTABLE_FAULT, a failed
+        exit is FAILED.  So no core operation is ever left half done."""
+        if isinstance(eff, (WalkL1Tree, ReadL1Memory, WriteL1Memory, ReflectExit)):
+            try:
+                return await self._answer_l1(eff)
+            except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+                self.stats["l1_call_failures"] += 1
+                log.warning("l1_call_failed", effect=type(eff).__name__, error=str(e))
+                if isinstance(eff, WalkL1Tree):
+                    return WalkResult(f.DSISR_PRTABLE_FAULT, fault_gpa=f.pate_root(eff.pate_dw0))
+                if isinstance(eff, ReadL1Memory):
+                    return None
+                if isinstance(eff, WriteL1Memory):
+                    return False
+                return ExitReply(ExitAction.FAILED, detail=f"L1 unavailable: {e}")
         if isinstance(eff, AcquireTlbLock):
             lock = self._lock(eff.gp)
             await lock.acquire()
@@ -283,6 +275,26 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
         if isinstance(eff, Preempt):
             return None
         raise TypeError(f"unknown effect {eff!r}")
+
+    async def _answer_l1(self, eff: WalkL1Tree | ReadL1Memory | WriteL1Memory | ReflectExit) -> Any:
+        if isinstance(eff, WalkL1Tree):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=eff.pate_dw0, l1_lpid=eff.l1_lpid, n_gpa=eff.n_gpa)))
+            w = r.walk
+            if w.ok:
+                return WalkResult(0, w.leaf_pte, w.l1_gpa, w.page_shift, 0, w.leaf_address, w.memory_references)
+            return WalkResult(w.dsisr_code or f.DSISR_NOHPTE, fault_gpa=w.fault_gpa, refs=w.memory_references)
+        if isinstance(eff, ReadL1Memory):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(read_memory=l0_pb2.ReadMemoryCall(gpa=eff.gpa, length=eff.length)))
+            return r.read_memory.data if r.read_memory.ok else None
+        if isinstance(eff, WriteL1Memory):
+            r = await self.call_l1(eff.l1, l0_pb2.L0Call(write_memory=l0_pb2.WriteMemoryCall(gpa=eff.gpa, data=eff.data)))
+            return r.write_memory.ok
+        ex = eff.exit
+        self.stats["exits_reflected"] += 1
+        call = l0_pb2.HandleExitCall(l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access])
+        r = await self.call_l1(eff.l1, l0_pb2.L0Call(handle_exit=call))
+        h = r.handle_exit
+        return ExitReply(_EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
 
     async def call_l1(self, vm: L1Vm, call: l0_pb2.L0Call) -> l0_pb2.L1Reply:
         s = self.by_name.get(vm.name)
