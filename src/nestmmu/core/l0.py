@@ -495,7 +495,7 @@ class L0Hypervisor:
     def kvmhv_set_nested_ptbl(self, gp: KvmNestedGuest) -> None:
         """Shadow PATE: dw0 = HR | RTS(52) | shadow root | 13; dw1 = L1's dw1 verbatim."""
         assert gp.shadow_pgtable is not None
-        self.set_ptbl_entry(gp.shadow_lpid, gp.shadow_pgtable.pate_dw0(), f.PATE_GR | gp.process_table)
+        self.set_ptbl_entry(gp.shadow_lpid, gp.shadow_pgtable.pate_dw0(), gp.process_table)
 
     def kvmhv_alloc_nested(self, vm: L1Vm, l1_lpid: int) -> Op[KvmNestedGuest | None]:
         shadow_lpid = self.kvmppc_alloc_lpid()
