@@ -7,13 +7,14 @@ Everything here talks to the services only through their gRPC surface.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,11 +84,23 @@ def local_cluster(l1_names: tuple[str, ...] = ("l1a", "l1b"), log_dir: str | Non
         p2 = free_port()
         c.l2 = f"127.0.0.1:{p2}"
         c.procs.append(_spawn(["serve", "l2", "--host", "127.0.0.1", "--port", str(p2)], f"{log_dir}/l2.log"))
-        asyncio.run(wait_healthy([c.l0, *c.l1s.values(), c.l2], timeout))
-        asyncio.run(wait_l1s_registered(c.l0, len(l1_names), timeout))
+        addrs = [c.l0, *c.l1s.values(), c.l2]
+        _run_blocking(lambda: wait_healthy(addrs, timeout))
+        _run_blocking(lambda: wait_l1s_registered(c.l0, len(l1_names), timeout))
         yield c
     finally:
         c.stop()
+
+
+def _run_blocking(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """asyncio.run, also when called from code that already runs an event loop (a thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(make())
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        ex.submit(lambda: asyncio.run(make())).result()
 
 
 async def wait_healthy(addresses: list[str], timeout: float = 30.0) -> None:

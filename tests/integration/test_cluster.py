@@ -164,7 +164,12 @@ async def test_host_migration_under_load(cl: Client) -> None:
         t_end = time.monotonic() + 30
         while not job.done() and time.monotonic() < t_end:
             # Which L1 pages back this guest? Migrate the host pages of the shadow leaves.
-            tree = await cl.shadow("l1a", lpid)
+            try:
+                tree = await cl.shadow("l1a", lpid)
+            except grpc.aio.AioRpcError as e:  # no vCPU has entered the guest yet
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                await asyncio.sleep(0.05)
+                continue
             for leaf in list(tree.leaves)[:4]:
                 walk = await cl.l1["l1a"].WalkTree(l1_pb2.WalkTreeRequest(lpid=lpid, n_gpa=leaf.n_gpa), timeout=10)
                 if walk.result.ok:
