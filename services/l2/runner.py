@@ -39,8 +39,9 @@ log = structlog.get_logger("l2.vcpu")
 #: A batch whose results make no progress for this long is abandoned (L0 itself bounds its
 #: calls to L1 with L1_CALL_TIMEOUT, so this only fires when L0 is wedged).
 BATCH_PROGRESS_TIMEOUT = 30.0
-#: How long a detaching vCPU waits for L0 to end the Run stream after half-closing it.
-DETACH_TIMEOUT = 2.0
+#: How long a detaching vCPU waits for L0 to end the Run stream after half-closing it before
+#: cancelling it (either way L0 sees the vCPU go and counts it as flushed).
+DETACH_TIMEOUT = 0.25
 
 _SCOPES = {
     common_pb2.INVALIDATION_SCOPE_ADDRESS: Scope.ADDRESS,
@@ -286,13 +287,16 @@ async def run_vcpu(
     *,
     live: dict[int, LiveVcpu] | None = None,
     details: list[str] | None = None,
+    attach_lock: asyncio.Lock | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
     Returns the vCPU's counters plus ``"seconds"`` (wall clock, a float). A vCPU that cannot
     attach or whose Run stream breaks does not raise: it counts ``errors`` (and
     ``vcpu_failures``) and appends a one-line description to ``details``. ``live`` (if given)
-    holds the vCPU while it runs, for TLB dumps.
+    holds the vCPU while it runs, for TLB dumps. ``attach_lock`` (if given) serialises the
+    attach step of the vCPUs sharing it: the first H_ENTER_NESTED of a guest creates the nested
+    guest in L0, and a concurrent first entry loses that race with H_PARAMETER, as in KVM.
     """
     t0 = time.perf_counter()
     stats: Counter[str] = Counter()
@@ -300,7 +304,11 @@ async def run_vcpu(
     rid = new_request_id()
     vlog = log.bind(vcpu_id=vcpu_id, l1_lpid=lpid, request_id=rid)
     try:
-        resp = await attach(l1_address, lpid, vcpu_id)
+        if attach_lock is not None:
+            async with attach_lock:
+                resp = await attach(l1_address, lpid, vcpu_id)
+        else:
+            resp = await attach(l1_address, lpid, vcpu_id)
         rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token)
         stats = rs.stats
         if live is not None:

@@ -101,6 +101,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         self.reports: list[l2_pb2.WorkloadReport] = []
         self.live: dict[int, LiveVcpu] = {}
         self._tasks: set[asyncio.Task[Counter[str]]] = set()
+        self._attach_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def stop(self) -> None:
         for t in list(self._tasks):
@@ -143,8 +144,12 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
         log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed)
         t0 = time.perf_counter()
+        # vCPUs of one guest attach one at a time (see run_vcpu), then run concurrently.
+        attach_lock = self._attach_locks.setdefault((request.l1_address, lpid), asyncio.Lock())
         tasks = [
-            asyncio.create_task(run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details), name=f"vcpu-{lpid}-{i}")
+            asyncio.create_task(
+                run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details, attach_lock=attach_lock), name=f"vcpu-{lpid}-{i}"
+            )
             for i in range(request.vcpus)
         ]
         self._tasks.update(tasks)
