@@ -7,6 +7,7 @@ that is not about any one level in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import signal
@@ -57,7 +58,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Bind a request id (from metadata or fresh) to the log context; one line per unary RPC."""
 
     def __init__(self, service: str) -> None:
@@ -99,7 +100,8 @@ def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> grpc.Sta
         br.field_violations.add(field=fld, description=desc)
     st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
     st.details.add().Pack(br)
-    return rpc_status.to_status(st)
+    status: grpc.Status = rpc_status.to_status(st)
+    return status
 
 
 async def abort_invalid(context: grpc.aio.ServicerContext, fld: str, desc: str) -> None:
@@ -120,7 +122,9 @@ async def serve_forever(
 ) -> None:
     """Start a grpc.aio server with health and reflection, serve until SIGTERM/SIGINT."""
     log = structlog.get_logger(name)
-    server = grpc.aio.server(interceptors=[RequestIdInterceptor(name)], options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+    server = grpc.aio.server(
+        interceptors=[RequestIdInterceptor(name)], options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )
     services = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -135,10 +139,8 @@ async def serve_forever(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover
-            pass
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -27,6 +27,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import secrets
 import time
@@ -68,7 +69,11 @@ from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_
 log = structlog.get_logger("l0")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SCOPE_TO_PB = {Scope.ADDRESS: common_pb2.INVALIDATION_SCOPE_ADDRESS, Scope.LPID: common_pb2.INVALIDATION_SCOPE_LPID, Scope.ALL: common_pb2.INVALIDATION_SCOPE_ALL}
+_SCOPE_TO_PB = {
+    Scope.ADDRESS: common_pb2.INVALIDATION_SCOPE_ADDRESS,
+    Scope.LPID: common_pb2.INVALIDATION_SCOPE_LPID,
+    Scope.ALL: common_pb2.INVALIDATION_SCOPE_ALL,
+}
 _OUTCOME_TO_PB = {
     Outcome.FILL: l0_pb2.ACCESS_OUTCOME_FILL,
     Outcome.STORAGE_INTERRUPT: l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT,
@@ -198,7 +203,7 @@ class RunStream:
         self.out.put_nowait(reason if reason else None)
 
 
-class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
+class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
     """Adapter: protobuf in, core call, protobuf out."""
 
     def __init__(self, core: L0Hypervisor, ack_timeout: float = BROADCAST_ACK_TIMEOUT, l1_timeout: float = L1_CALL_TIMEOUT) -> None:
@@ -252,7 +257,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
         if isinstance(eff, (WalkL1Tree, ReadL1Memory, WriteL1Memory, ReflectExit)):
             try:
                 return await self._answer_l1(eff)
-            except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+            except (L1Gone, TimeoutError) as e:
                 self.stats["l1_call_failures"] += 1
                 log.warning("l1_call_failed", effect=type(eff).__name__, error=str(e))
                 if isinstance(eff, WalkL1Tree):
@@ -291,7 +296,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
             return r.write_memory.ok
         ex = eff.exit
         self.stats["exits_reflected"] += 1
-        call = l0_pb2.HandleExitCall(l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access])
+        call = l0_pb2.HandleExitCall(
+            l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access]
+        )
         r = await self.call_l1(eff.l1, l0_pb2.L0Call(handle_exit=call))
         h = r.handle_exit
         return ExitReply(_EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
@@ -353,7 +360,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
     def session_of(self, context: grpc.aio.ServicerContext) -> L1Session | None:
         md = dict(context.invocation_metadata() or ())
         tok = md.get(SESSION_METADATA_KEY)
-        if not tok:
+        if not isinstance(tok, str) or not tok:
             return None
         s = self.sessions.get(tok)
         return None if s is None or s.released else s
@@ -478,7 +485,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
     async def _hcall(self, context: grpc.aio.ServicerContext, op: Generator[Effect, Any, Any]) -> Any:
         try:
             return await self.drive(op)
-        except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+        except (L1Gone, TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the L1 did not answer a call this hcall needs: {e}")
 
     async def TlbInvalidate(self, request: l0_pb2.TlbInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.TlbInvalidateResponse:
@@ -551,7 +558,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
                 elif kind == "tlb_dump":
                     fut = st.dumps.pop(req.tlb_dump.id, None)
                     if fut is not None and not fut.done():
-                        fut.set_result([TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries])
+                        fut.set_result(
+                            [TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries]
+                        )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
@@ -594,8 +603,8 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
                         st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
                         continue
                     try:
-                        await self.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), lambda r, i=i: st.add_result(i, r))
-                    except (L1Gone, TimeoutError, asyncio.TimeoutError) as e:
+                        await self.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), functools.partial(st.add_result, i))
+                    except (L1Gone, TimeoutError) as e:
                         st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
                         self.stats["access_errors_l1_unavailable"] += 1
                     n += 1
@@ -711,7 +720,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
         async def one(key: tuple[str, int, int], vm: L1Vm) -> None:
             try:
                 walks[key] = await self.answer(WalkL1Tree(vm, 0, key[1], key[2]), [])
-            except (L1Gone, TimeoutError, asyncio.TimeoutError):
+            except (L1Gone, TimeoutError):
                 walks[key] = WalkResult(f.DSISR_PRTABLE_FAULT)
 
         await asyncio.gather(*(one(k, vm) for k, vm in jobs))
@@ -739,7 +748,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):  # type: ignore[misc]
             for st in ss:
                 if st.session.released:
                     rep.add("I7", f"run stream of released L1 {st.session.name!r} still open")
-        for tok, (s, gp, _) in self.run_tokens.items():
+        for s, gp, _ in self.run_tokens.values():
             if s.released or gp.freed:
                 rep.add("I7", f"run token of released L1 {s.name!r} or freed guest still valid")
         rep.count("tlb_dumps", len(dumps))

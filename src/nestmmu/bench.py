@@ -16,6 +16,7 @@ Timings on shared 2-core machines are noisy: read ratios, not absolutes.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import statistics
 import sys
 import time
@@ -58,7 +59,12 @@ async def tlb_hits(l1: str, l2: str, accesses: int) -> dict[str, float]:
         wl = l2_pb2.Workload(pattern="uniform", accesses=accesses, seed=7, footprint_bytes=4 << 16, store_fraction=0.3, ifetch_fraction=0.0, batch_size=4096)
         r = await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=l1, lpid=lpid, vcpus=1, workload=wl), timeout=600)
     rep = r.report
-    return {"accesses": rep.accesses, "tlb_hits": rep.tlb_hits, "seconds": round(rep.seconds, 4), "tlb_hit_accesses_per_s": round(rep.accesses / rep.seconds) if rep.seconds else 0}
+    return {
+        "accesses": rep.accesses,
+        "tlb_hits": rep.tlb_hits,
+        "seconds": round(rep.seconds, 4),
+        "tlb_hit_accesses_per_s": round(rep.accesses / rep.seconds) if rep.seconds else 0,
+    }
 
 
 async def _l0_stat(l0: str, key: str) -> int:
@@ -71,7 +77,9 @@ async def nested_faults(l0: str, l1: str, l2: str, per_vcpu: int, vcpus: int = 4
     memory = 1 << 30
     lpid = await _create_guest(l1, 16, memory)
     async with grpc.aio.insecure_channel(l1) as ch:
-        await l1_pb2_grpc.L1ServiceStub(ch).MapPages(l1_pb2.MapPagesRequest(lpid=lpid, n_gpa=0, length=memory, read=True, write=True, execute=True), timeout=120)
+        await l1_pb2_grpc.L1ServiceStub(ch).MapPages(
+            l1_pb2.MapPagesRequest(lpid=lpid, n_gpa=0, length=memory, read=True, write=True, execute=True), timeout=120
+        )
     before = await _l0_stat(l0, "l0.nested_faults")
     t = time.perf_counter()
     async with grpc.aio.insecure_channel(l2) as ch:
@@ -105,7 +113,15 @@ async def broadcast(l0: str, l1: str, rounds: int, vcpus: int = 8) -> dict[str, 
         p99 = await _l0_stat(l0, "svc.broadcast_latency_us_p99")
         for c in cpus:
             await c.close()
-    return {"vcpus": vcpus, "rounds": rounds, "acks": acks, "l0_broadcast_us_p50": p50, "l0_broadcast_us_p99": p99, "unmap_rpc_us_p50": round(_pct(unmap_us, 0.5), 1), "unmap_rpc_us_p99": round(_pct(unmap_us, 0.99), 1)}
+    return {
+        "vcpus": vcpus,
+        "rounds": rounds,
+        "acks": acks,
+        "l0_broadcast_us_p50": p50,
+        "l0_broadcast_us_p99": p99,
+        "unmap_rpc_us_p50": round(_pct(unmap_us, 0.5), 1),
+        "unmap_rpc_us_p99": round(_pct(unmap_us, 0.99), 1),
+    }
 
 
 def _cluster(quick: bool, progress: bool) -> dict[str, Any]:
@@ -144,9 +160,9 @@ def _cluster(quick: bool, progress: bool) -> dict[str, Any]:
 def run(quick: bool = False, cluster: bool = True, progress: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
-        from nestmmu import bench_core
+        bench_core: Any = importlib.import_module("nestmmu.bench_core")
     except ImportError:  # pragma: no cover
-        bench_core = None  # type: ignore[assignment]
+        bench_core = None
     if bench_core is not None:
         if progress:
             print("bench: core hot paths (in-process)", file=sys.stderr, flush=True)

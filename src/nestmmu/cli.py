@@ -65,7 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         from nestmmu.services.l1.server import serve as serve_l1
 
-        asyncio.run(serve_l1(args.port or 50052, args.name, args.l0, host=args.host, advertise_l0=args.advertise_l0, use_rpt_invalidate=not args.tlb_invalidate))
+        asyncio.run(
+            serve_l1(args.port or 50052, args.name, args.l0, host=args.host, advertise_l0=args.advertise_l0, use_rpt_invalidate=not args.tlb_invalidate)
+        )
     else:
         from nestmmu.services.l2.server import serve as serve_l2
 
@@ -86,7 +88,8 @@ def cmd_workload(args: argparse.Namespace) -> int:
     l1s = _addr_list(args.l1)
     rep = asyncio.run(_workload(args, l1s, args.l2, args.l0))
     _print(rep, args.json)
-    return 0 if rep.get("audit", {"ok": True})["ok"] and not rep["errors"] else 1
+    audit_ok = bool(rep["audit"]["ok"]) if "audit" in rep else True
+    return 0 if audit_ok and not rep["errors"] else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -109,12 +112,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from nestmmu import cluster
 
     r = asyncio.run(cluster.audit(args.l0))
-    out = {"ok": r.ok, "violations": [f"{v.invariant}: {v.detail}" for v in r.violations], "checked": dict(r.checked.values)}
+    found = [f"{v.invariant}: {v.detail}" for v in r.violations]
+    out = {"ok": r.ok, "violations": found, "checked": dict(r.checked.values)}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        for v in out["violations"]:
-            print(v)
+        for line in found:
+            print(line)
         print(f"audit {'clean' if r.ok else 'FAILED'}: checked {out['checked']}")
     return 0 if r.ok else 1
 

@@ -68,7 +68,9 @@ def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def local_cluster(l1_names: tuple[str, ...] = ("l1a", "l1b"), log_dir: str | None = None, l0_args: tuple[str, ...] = (), timeout: float = 30.0) -> Iterator[LocalCluster]:
+def local_cluster(
+    l1_names: tuple[str, ...] = ("l1a", "l1b"), log_dir: str | None = None, l0_args: tuple[str, ...] = (), timeout: float = 30.0
+) -> Iterator[LocalCluster]:
     """Start the services as processes on free loopback ports; stop them on exit."""
     import tempfile
 
@@ -148,12 +150,19 @@ def default_plan() -> list[GuestPlan]:
     mmio = l1_pb2.GUEST_REGION_KIND_MMIO_HOLE
     prot = l1_pb2.GUEST_REGION_KIND_PROTECTED
     return [
-        GuestPlan(16, 64 << 20, 2, ((rom, 32 << 20, 2 << 20, True, True, True), (mmio, 34 << 20, 2 << 20, True, True, False), (prot, 36 << 20, 2 << 20, True, False, False))),
+        GuestPlan(
+            16,
+            64 << 20,
+            2,
+            ((rom, 32 << 20, 2 << 20, True, True, True), (mmio, 34 << 20, 2 << 20, True, True, False), (prot, 36 << 20, 2 << 20, True, False, False)),
+        ),
         GuestPlan(21, 64 << 20, 2),
     ]
 
 
-async def run_default_workload(l1s: dict[str, str], l2: str, accesses: int = 20_000, seed: int = 1, pattern: str = "hot", footprint: int = 40 << 20, plan: list[GuestPlan] | None = None) -> list[l2_pb2.WorkloadReport]:
+async def run_default_workload(
+    l1s: dict[str, str], l2: str, accesses: int = 20_000, seed: int = 1, pattern: str = "hot", footprint: int = 40 << 20, plan: list[GuestPlan] | None = None
+) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently."""
     plan = plan or default_plan()
     jobs = []
@@ -163,7 +172,7 @@ async def run_default_workload(l1s: dict[str, str], l2: str, accesses: int = 20_
             for g in plan:
                 req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory)
                 for kind, start, size, r, w, x in g.regions:
-                    req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)  # type: ignore[arg-type]
+                    req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)
                 resp = await stub.CreateGuest(req, timeout=DEADLINE)
                 jobs.append((name, addr, resp.lpid, g))
     async with grpc.aio.insecure_channel(l2) as ch:
@@ -175,7 +184,15 @@ async def run_default_workload(l1s: dict[str, str], l2: str, accesses: int = 20_
                     lpid=lpid,
                     vcpus=g.vcpus,
                     page_shift=g.page_shift,
-                    workload=l2_pb2.Workload(pattern=pattern, accesses=accesses, seed=seed + i, footprint_bytes=min(footprint, g.memory), store_fraction=0.3, ifetch_fraction=0.05, batch_size=1024),
+                    workload=l2_pb2.Workload(
+                        pattern=pattern,
+                        accesses=accesses,
+                        seed=seed + i,
+                        footprint_bytes=min(footprint, g.memory),
+                        store_fraction=0.3,
+                        ifetch_fraction=0.05,
+                        batch_size=1024,
+                    ),
                 ),
                 timeout=600.0,
             )
@@ -236,7 +253,7 @@ class RawVcpu:
         self.ack = ack
         self.q: asyncio.Queue[l0_pb2.RunRequest | None] = asyncio.Queue()
         self.q.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=run_token)))
-        self.call = stub.Run(self._requests())
+        self.call: Any = stub.Run(self._requests())  # type: ignore[arg-type]  # aio stream; stubs type the sync API
         self.attached: asyncio.Future[l0_pb2.RunAttached] = asyncio.get_running_loop().create_future()
         self.done: asyncio.Queue[list[l0_pb2.AccessResults]] = asyncio.Queue()
         self.invalidations: list[common_pb2.Invalidation] = []

@@ -117,7 +117,7 @@ class Allocator:
     when a size class is empty.  Used for table pages and data frames alike.
     """
 
-    __slots__ = ("base", "limit", "_bump", "_free", "in_use")
+    __slots__ = ("_bump", "_free", "base", "in_use", "limit")
 
     def __init__(self, base: int, limit: int) -> None:
         self.base = base
@@ -133,8 +133,10 @@ class Allocator:
         if lst:
             addr = lst.pop()
         else:
-            addr = self._split_larger(size)
-            if addr is None:
+            split = self._split_larger(size)
+            if split is not None:
+                addr = split
+            else:
                 addr = (self._bump + size - 1) & ~(size - 1)
                 if addr + size > self.limit:
                     raise OutOfMemory(f"no room for {size:#x} bytes below {self.limit:#x}")

@@ -150,7 +150,7 @@ class Vcpu:
         hits = 0
         pending = self._pending
         deferred = self._deferred
-        send = []
+        send: list[tuple[int, int]] = []
         for addr, kind in accesses:
             if tlb_mask(lpid, addr) & (1 << kind):
                 hits += 1
