@@ -618,6 +618,10 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         except Exception:  # pragma: no cover - a bug: cut this vCPU, keep the server
             log.exception("run_worker_failed")
             st.close("internal error in L0 while running accesses")
+        else:
+            # The vCPU half-closed (or the stream was cut): end the stream now, so a departed
+            # vCPU counts as flushed at once instead of holding broadcasts until the timeout.
+            st.close(None)
 
     def _drop_stream(self, st: RunStream, reason: str | None) -> None:
         st.close(reason)

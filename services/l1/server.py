@@ -185,11 +185,7 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         await self._check_range(context, g, request.n_gpa, request.length)
         perms = perms_of(request.read, request.write, request.execute)
         async with self.lock:
-            if perms:  # the leaves get exactly these permissions (core: per-page override)
-                for page in range(request.n_gpa >> g.page_shift, ((request.n_gpa + request.length - 1) >> g.page_shift) + 1):
-                    if g.tree.lookup_leaf(page << g.page_shift) is None:
-                        g.perms[page] = perms
-            n, hcalls = core.map_pages(request.lpid, request.n_gpa, request.length)
+            n, hcalls = core.map_pages(request.lpid, request.n_gpa, request.length, perms)
         rc = await self._issue(context, hcalls)
         return l1_pb2.MapPagesResponse(hcall_rc=rc, pages_changed=n)
 

@@ -334,12 +334,20 @@ class L1Hypervisor:
         last = (n_gpa + length - 1) >> guest.page_shift
         return range(first, last + 1)
 
-    def map_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
-        """Prefault: insert leaves now (adding translations needs no invalidation)."""
+    def map_pages(self, lpid: int, n_gpa: int, length: int, perms: int = 0) -> tuple[int, list[Hcall]]:
+        """Prefault: insert leaves now (adding translations needs no invalidation).
+
+        ``perms`` (EAA bits), when given, is what L1 grants the pages it maps now; pages that
+        are already mapped keep theirs (changing them is protect_pages, which flushes).
+        """
+        if perms & ~PERM_RWX:
+            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
         guest = self.guest(lpid)
         n = 0
         for page in self._pages(guest, n_gpa, length):
             if self._read_leaf(guest, page << guest.page_shift) is None:
+                if perms:
+                    guest.perms[page] = perms
                 self.instantiate(guest, page << guest.page_shift, writing=False)
                 n += 1
         return n, []
@@ -455,12 +463,12 @@ def _allows(pte: int, access: Access) -> bool:
 __all__ = [
     "GUEST_PAGE_SHIFTS",
     "PERM_RWX",
+    "PUD_SHIFT",
     "GuestRegion",
     "Hcall",
     "L1Hypervisor",
     "L2Guest",
     "MemslotSpec",
-    "PUD_SHIFT",
     "RptInvalidate",
     "SetPartitionTable",
     "TlbInvalidate",
