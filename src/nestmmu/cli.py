@@ -78,10 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: str | None) -> dict[str, Any]:
     from nestmmu import cluster
 
-    reports = await cluster.run_default_workload(l1s, l2, accesses=args.accesses, seed=args.seed, pattern=args.pattern)
+    churned: dict[str, int] = {}
+    reports = await cluster.run_default_workload(
+        l1s, l2, accesses=args.accesses, seed=args.seed, pattern=args.pattern, l0=l0, with_churn=not args.no_churn, churn_counts=churned
+    )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
-    return cluster.summarize(reports, counters, aud)
+    return cluster.summarize(reports, counters, aud, churned)
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")
     w.add_argument("--l1", action="append", required=True, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")

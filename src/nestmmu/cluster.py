@@ -160,10 +160,60 @@ def default_plan() -> list[GuestPlan]:
     ]
 
 
+async def churn(jobs: list[tuple[str, str, int, GuestPlan]], l0: str | None, footprint: int, seed: int, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """While the vCPUs run: L1 unmaps and remaps pages (each followed by its invalidation
+    hcall), and, given L0, the host migrates pages backing the guests.  Seeded choices."""
+    import random
+
+    rng = random.Random(seed)
+    chans = {addr: grpc.aio.insecure_channel(addr) for _, addr, _, _ in jobs}
+    ch0 = grpc.aio.insecure_channel(l0) if l0 else None
+    try:
+        while not stop.is_set():
+            name, addr, lpid, g = jobs[rng.randrange(len(jobs))]
+            stub = l1_pb2_grpc.L1ServiceStub(chans[addr])
+            size = 1 << g.page_shift
+            n_gpa = rng.randrange(min(footprint, g.memory) // size) * size
+            op = rng.choice(("unmap", "remap", "migrate") if ch0 else ("unmap", "remap"))
+            try:
+                if op == "unmap":
+                    r = await stub.UnmapPages(l1_pb2.UnmapPagesRequest(lpid=lpid, n_gpa=n_gpa, length=size), timeout=DEADLINE)
+                    counts["l1_unmaps"] = counts.get("l1_unmaps", 0) + r.pages_changed
+                elif op == "remap":
+                    r2 = await stub.RemapPages(l1_pb2.RemapPagesRequest(lpid=lpid, n_gpa=n_gpa, length=size), timeout=DEADLINE)
+                    counts["l1_remaps"] = counts.get("l1_remaps", 0) + r2.pages_changed
+                elif ch0 is not None:
+                    w = await stub.WalkTree(l1_pb2.WalkTreeRequest(lpid=lpid, n_gpa=n_gpa), timeout=DEADLINE)
+                    if w.result.ok:
+                        m = await l0_pb2_grpc.L0ServiceStub(ch0).HostMigrate(l0_pb2.HostMigrateRequest(l1_name=name, gpa=w.result.l1_gpa), timeout=DEADLINE)
+                        counts["host_migrations"] = counts.get("host_migrations", 0) + (m.old_host_address != m.new_host_address)
+            except grpc.aio.AioRpcError as e:
+                counts["churn_errors"] = counts.get("churn_errors", 0) + 1
+                counts["churn_last_error_" + e.code().name] = 1
+            await asyncio.sleep(0.02)
+    finally:
+        for ch in chans.values():
+            await ch.close()
+        if ch0 is not None:
+            await ch0.close()
+
+
 async def run_default_workload(
-    l1s: dict[str, str], l2: str, accesses: int = 20_000, seed: int = 1, pattern: str = "hot", footprint: int = 40 << 20, plan: list[GuestPlan] | None = None
+    l1s: dict[str, str],
+    l2: str,
+    accesses: int = 20_000,
+    seed: int = 1,
+    pattern: str = "hot",
+    footprint: int = 40 << 20,
+    plan: list[GuestPlan] | None = None,
+    l0: str | None = None,
+    with_churn: bool = False,
+    churn_counts: dict[str, int] | None = None,
 ) -> list[l2_pb2.WorkloadReport]:
-    """Create guests on every L1 and run a seeded workload on all of them concurrently."""
+    """Create guests on every L1 and run a seeded workload on all of them concurrently.
+
+    With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
+    """
     plan = plan or default_plan()
     jobs = []
     for name, addr in l1s.items():
@@ -175,30 +225,38 @@ async def run_default_workload(
                     req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)
                 resp = await stub.CreateGuest(req, timeout=DEADLINE)
                 jobs.append((name, addr, resp.lpid, g))
-    async with grpc.aio.insecure_channel(l2) as ch:
-        stub2 = l2_pb2_grpc.L2ServiceStub(ch)
-        calls = [
-            stub2.RunWorkload(
-                l2_pb2.RunWorkloadRequest(
-                    l1_address=addr,
-                    lpid=lpid,
-                    vcpus=g.vcpus,
-                    page_shift=g.page_shift,
-                    workload=l2_pb2.Workload(
-                        pattern=pattern,
-                        accesses=accesses,
-                        seed=seed + i,
-                        footprint_bytes=min(footprint, g.memory),
-                        store_fraction=0.3,
-                        ifetch_fraction=0.05,
-                        batch_size=1024,
+    stop = asyncio.Event()
+    counts = churn_counts if churn_counts is not None else {}
+    churner = asyncio.create_task(churn(jobs, l0, footprint, seed, stop, counts)) if with_churn else None
+    try:
+        async with grpc.aio.insecure_channel(l2) as ch:
+            stub2 = l2_pb2_grpc.L2ServiceStub(ch)
+            calls = [
+                stub2.RunWorkload(
+                    l2_pb2.RunWorkloadRequest(
+                        l1_address=addr,
+                        lpid=lpid,
+                        vcpus=g.vcpus,
+                        page_shift=g.page_shift,
+                        workload=l2_pb2.Workload(
+                            pattern=pattern,
+                            accesses=accesses,
+                            seed=seed + i,
+                            footprint_bytes=min(footprint, g.memory),
+                            store_fraction=0.3,
+                            ifetch_fraction=0.05,
+                            batch_size=1024,
+                        ),
                     ),
-                ),
-                timeout=600.0,
-            )
-            for i, (_, addr, lpid, g) in enumerate(jobs)
-        ]
-        results = await asyncio.gather(*calls)
+                    timeout=600.0,
+                )
+                for i, (_, addr, lpid, g) in enumerate(jobs)
+            ]
+            results = await asyncio.gather(*calls)
+    finally:
+        stop.set()
+        if churner is not None:
+            await churner
     return [r.report for r in results]
 
 
@@ -213,14 +271,16 @@ async def l0_counters(l0: str) -> dict[str, int]:
     return dict(r.counters.values)
 
 
-def summarize(reports: list[l2_pb2.WorkloadReport], counters: dict[str, int], aud: l0_pb2.AuditResponse | None) -> dict[str, Any]:
+def summarize(
+    reports: list[l2_pb2.WorkloadReport], counters: dict[str, int], aud: l0_pb2.AuditResponse | None, churn_counts: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The report `nestmmu demo --json` prints."""
     tot: dict[str, int] = {}
     for r in reports:
         for k in ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "mmio", "errors", "invalidations_applied", "acks_sent"):
             tot[k] = tot.get(k, 0) + int(getattr(r, k))
     reflected = {k.split(".", 2)[2]: v for k, v in counters.items() if k.startswith("l0.reflected.")}
-    invalidations = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("l0.inval.")}
+    invalidations = {k.split(".", 2)[2]: v for k, v in counters.items() if k.startswith("l0.inval.")}
     tlbies = {k.split(".", 2)[2]: v for k, v in counters.items() if k.startswith("svc.invalidations.")}
     out: dict[str, Any] = {
         "accesses": tot.get("accesses", 0),
@@ -236,6 +296,7 @@ def summarize(reports: list[l2_pb2.WorkloadReport], counters: dict[str, int], au
         "mmio": tot.get("mmio", 0),
         "errors": tot.get("errors", 0),
         "vcpu_seconds": round(sum(r.seconds for r in reports), 3),
+        "churn": dict(sorted((churn_counts or {}).items())),
     }
     if aud is not None:
         out["audit"] = {"ok": aud.ok, "violations": [f"{v.invariant}: {v.detail}" for v in aud.violations], "checked": dict(aud.checked.values)}
