@@ -63,6 +63,7 @@ from nestmmu.core.l0 import ConfigError, HvGuestState, KvmNestedGuest, L0Config,
 from nestmmu.core.radix import WalkResult
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
+from nestmmu.wire import fill_flags
 
 from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever
 
@@ -94,22 +95,6 @@ MAX_BATCH = 65536
 
 class L1Gone(Exception):
     """The L1 a call was for has left; the operation cannot complete."""
-
-
-def fill_flags(pte: int, shift: int) -> int:
-    """AccessResults.flags: page shift in the low byte, shadow PTE permissions and R/C above."""
-    fl = shift & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK
-    if pte & f.PTE_EAA_READ:
-        fl |= l0_pb2.FILL_FLAG_READ
-    if pte & f.PTE_EAA_RW:
-        fl |= l0_pb2.FILL_FLAG_WRITE
-    if pte & f.PTE_EAA_EXEC:
-        fl |= l0_pb2.FILL_FLAG_EXECUTE
-    if pte & f.PTE_R:
-        fl |= l0_pb2.FILL_FLAG_REFERENCED
-    if pte & f.PTE_C:
-        fl |= l0_pb2.FILL_FLAG_CHANGED
-    return fl
 
 
 @dataclass(eq=False)

@@ -31,6 +31,7 @@ from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Tra
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
+from nestmmu.wire import pte_from_flags
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
 
@@ -63,22 +64,6 @@ _ids = itertools.count(1)
 
 class VcpuFailed(Exception):
     """The vCPU could not attach or its Run stream broke."""
-
-
-def pte_from_flags(host: int, flags: int) -> int:
-    """Rebuild the shadow PTE of a fill from AccessResults.flags (FillFlag bits)."""
-    pte = f.PTE_V | f.PTE_L | (host & f.PTE_RPN_MASK)
-    if flags & l0_pb2.FILL_FLAG_READ:
-        pte |= f.PTE_EAA_READ
-    if flags & l0_pb2.FILL_FLAG_WRITE:
-        pte |= f.PTE_EAA_RW
-    if flags & l0_pb2.FILL_FLAG_EXECUTE:
-        pte |= f.PTE_EAA_EXEC
-    if flags & l0_pb2.FILL_FLAG_REFERENCED:
-        pte |= f.PTE_R
-    if flags & l0_pb2.FILL_FLAG_CHANGED:
-        pte |= f.PTE_C
-    return pte
 
 
 @dataclass

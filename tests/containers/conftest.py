@@ -24,9 +24,9 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
 os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 
-from testcontainers.core.config import testcontainers_config  # noqa: E402
+from testcontainers.core.config import testcontainers_config
 
-from .helpers import cleanup_session, ensure_images  # noqa: E402
+from .helpers import cleanup_session, ensure_images
 
 testcontainers_config.ryuk_disabled = True
 

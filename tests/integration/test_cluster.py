@@ -147,7 +147,11 @@ async def test_unmap_broadcast_reaches_every_vcpu_before_hcall_returns(cl: Clien
     assert r.hcall_rc == 0 and r.pages_changed == 1
     # UnmapPages returned after L1's H_RPT_INVALIDATE returned, which waited for every ack.
     for v in vs:
-        hits = [i for i in v.invalidations if i.lpid == shadow and i.scope == common_pb2.INVALIDATION_SCOPE_ADDRESS and i.address <= 0x300000 < i.address + i.size_bytes]
+        hits = [
+            i
+            for i in v.invalidations
+            if i.lpid == shadow and i.scope == common_pb2.INVALIDATION_SCOPE_ADDRESS and i.address <= 0x300000 < i.address + i.size_bytes
+        ]
         assert hits, f"vCPU did not receive the tlbie: {v.invalidations}"
     assert not [lf for lf in (await cl.shadow("l1b", lpid)).leaves if lf.n_gpa == 0x300000]
     await cl.audit_clean()
@@ -198,7 +202,11 @@ async def test_other_l1s_guests_cannot_be_reached(cl: Client) -> None:
     # A rogue L1 with its own session flushes "every LPID" and lpid numbers of l1a's guests:
     # it only ever names its own (empty) registry.
     q: asyncio.Queue[l0_pb2.ConnectRequest | None] = asyncio.Queue()
-    q.put_nowait(l0_pb2.ConnectRequest(register=l0_pb2.Register(name="rogue", memslots=[common_pb2.Memslot(base_gfn_addr=0, size_bytes=1 << 30, kind=common_pb2.MEMSLOT_KIND_NORMAL)])))
+    q.put_nowait(
+        l0_pb2.ConnectRequest(
+            register=l0_pb2.Register(name="rogue", memslots=[common_pb2.Memslot(base_gfn_addr=0, size_bytes=1 << 30, kind=common_pb2.MEMSLOT_KIND_NORMAL)])
+        )
+    )
 
     async def reqs() -> AsyncIterator[l0_pb2.ConnectRequest]:
         while (m := await q.get()) is not None:
@@ -242,7 +250,11 @@ async def test_malformed_and_out_of_range_requests_rejected(cl: Client) -> None:
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(ei.value) == ["gpa"]
     # Registration with a misaligned memslot.
     q: asyncio.Queue[l0_pb2.ConnectRequest | None] = asyncio.Queue()
-    q.put_nowait(l0_pb2.ConnectRequest(register=l0_pb2.Register(name="bad", memslots=[common_pb2.Memslot(base_gfn_addr=123, size_bytes=4096, kind=common_pb2.MEMSLOT_KIND_NORMAL)])))
+    q.put_nowait(
+        l0_pb2.ConnectRequest(
+            register=l0_pb2.Register(name="bad", memslots=[common_pb2.Memslot(base_gfn_addr=123, size_bytes=4096, kind=common_pb2.MEMSLOT_KIND_NORMAL)])
+        )
+    )
 
     async def reqs() -> AsyncIterator[l0_pb2.ConnectRequest]:
         while (m := await q.get()) is not None:
@@ -267,7 +279,12 @@ async def test_malformed_and_out_of_range_requests_rejected(cl: Client) -> None:
     async with grpc.aio.insecure_channel(cl.c.l2) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(
-                l2_pb2.RunWorkloadRequest(l1_address=cl.c.l1s["l1a"], lpid=lpid, vcpus=1, workload=l2_pb2.Workload(pattern="zigzag", accesses=10, footprint_bytes=1 << 20, batch_size=16)),
+                l2_pb2.RunWorkloadRequest(
+                    l1_address=cl.c.l1s["l1a"],
+                    lpid=lpid,
+                    vcpus=1,
+                    workload=l2_pb2.Workload(pattern="zigzag", accesses=10, footprint_bytes=1 << 20, batch_size=16),
+                ),
                 timeout=10,
             )
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT

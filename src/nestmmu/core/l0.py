@@ -20,6 +20,7 @@ the kernel does.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from .effects import (
     WalkL1Tree,
     WriteL1Memory,
 )
-from .formats import H, Access
+from .formats import Access, H
 from .memory import Allocator, OutOfMemory, SimMemory
 from .radix import PMD_SHIFT, PUD_SHIFT, RadixTable, Slot, WalkResult, level_to_shift, shift_to_level
 
@@ -276,7 +277,7 @@ class L0Hypervisor:
                 raise ConfigError(f"memslot {s.index}: backing_shift must be 0 (base pages), 21 or 30, not {s.backing_shift}")
             spans.append((s.base, s.base + s.size, s.index))
         spans.sort()
-        for (_, e1, i1), (b2, _, i2) in zip(spans, spans[1:], strict=False):
+        for (_, e1, i1), (b2, _, i2) in itertools.pairwise(spans):
             if b2 < e1:
                 raise ConfigError(f"memslots {i1} and {i2} overlap")
         if len({s.index for s in memslots}) != len(memslots):
@@ -782,7 +783,7 @@ class L0Hypervisor:
         # 10. Page size: L0's when it fits inside L1's page, else base pages + sub-page RPN.
         if shift > l1_shift:
             actual_shift = page_shift
-            if PMD_SHIFT < l1_shift:
+            if l1_shift > PMD_SHIFT:
                 actual_shift = PMD_SHIFT
             mask = (1 << shift) - (1 << actual_shift)
             pte |= gpa & mask
@@ -879,11 +880,10 @@ class L0Hypervisor:
         writable = not kvm_ro
         perms = f.PTE_EAA_READ | f.PTE_EAA_EXEC
         rc = f.PTE_R
-        if writing or self.config.host_write_upgrade:
-            if writable:
-                perms |= f.PTE_EAA_RW
-                if writing:
-                    rc |= f.PTE_C
+        if (writing or self.config.host_write_upgrade) and writable:
+            perms |= f.PTE_EAA_RW
+            if writing:
+                rc |= f.PTE_C
         pte = f.PTE_V | f.PTE_L | hpa | perms | rc
         lshift = level_to_shift(level, page_shift)
         ret = self.kvmppc_create_pte(vm, vm.pgtable, pte, gpa & ~((1 << lshift) - 1), level, mmu_seq, vm.lpid, None, 0)
@@ -929,14 +929,7 @@ class L0Hypervisor:
             lshift = table.level_shift(lv)
             if lv > 0 and e & f.PTE_V and e & f.PTE_L:
                 if level == lv:
-                    if e == pte:
-                        stats["create_pte.identical"] += 1
-                        return 0
-                    if (e ^ pte) & PTE_BITS_MUST_MATCH:
-                        stats["warn.pte_bits_must_match"] += 1
-                    mem.write_u64(addr, e | pte)
-                    stats["create_pte.or_bits"] += 1
-                    return 0
+                    return self._add_bits_to_leaf(mem, addr, e, pte)
                 # A larger leaf is in the way of a smaller one: unmap it.
                 stats["create_pte.replace_larger"] += 1
                 self.kvmppc_unmap_pte(vm, table, addr, e, gpa & ~((1 << lshift) - 1), lshift, lpid)
@@ -947,14 +940,7 @@ class L0Hypervisor:
                     stats["create_pte.free_lower_table"] += 1
                     self.kvmppc_unmap_free_entry_table(vm, table, addr, e, lv, gpa & ~((1 << lshift) - 1), lpid)
                 elif lv == 0 and e & f.PTE_V:
-                    if e == pte:
-                        stats["create_pte.identical"] += 1
-                        return 0
-                    if (e ^ pte) & PTE_BITS_MUST_MATCH:
-                        stats["warn.pte_bits_must_match"] += 1
-                    mem.write_u64(addr, e | pte)
-                    stats["create_pte.or_bits"] += 1
-                    return 0
+                    return self._add_bits_to_leaf(mem, addr, e, pte)
                 mem.write_u64(addr, pte)
                 if rmapp is not None:
                     self.kvmhv_insert_nest_rmap(rmapp[0], rmapp[1], n_rmap)
@@ -965,6 +951,19 @@ class L0Hypervisor:
                 mem.write_u64(addr, e)
             tbl = e & f.PDE_NLB_MASK
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _add_bits_to_leaf(self, mem: SimMemory, addr: int, old: int, pte: int) -> int:
+        """A valid leaf of the same size is there: identical (someone raced us), or OR in our
+        bits.  The kernel WARNs when bits other than W/C/R differ (e.g. another RPN: an L1
+        that changed a PTE without the tlbie) and ORs anyway (§9.17)."""
+        if old == pte:
+            self.stats["create_pte.identical"] += 1
+            return 0
+        if (old ^ pte) & PTE_BITS_MUST_MATCH:
+            self.stats["warn.pte_bits_must_match"] += 1
+        mem.write_u64(addr, old | pte)
+        self.stats["create_pte.or_bits"] += 1
+        return 0
 
     def kvmppc_unmap_pte(self, vm: L1Vm, table: RadixTable, addr: int, old: int, gpa: int, shift: int, lpid: int, memslot: Memslot | None = None) -> None:
         """Clear one leaf and tlbie it; for L1's own table also drop dependent shadow PTEs."""

@@ -148,10 +148,7 @@ class L1Hypervisor:
         self.stats[key] = self.stats.get(key, 0) + 1
 
     def _valid(self, addr: int) -> bool:
-        for s in self.memslots:
-            if s.base <= addr < s.base + s.size:
-                return True
-        return False
+        return any(s.base <= addr < s.base + s.size for s in self.memslots)
 
     # ---------------------------------------------------------------- memory L0 reads
     def read_memory(self, gpa: int, length: int) -> bytes | None:
@@ -193,7 +190,9 @@ class L1Hypervisor:
         self.mem.write_u64(addr, dw0)
         self.mem.write_u64(addr + 8, dw1)
 
-    def create_guest(self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None) -> tuple[L2Guest, list[Hcall]]:
+    def create_guest(
+        self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None
+    ) -> tuple[L2Guest, list[Hcall]]:
         """Allocate an lpid, build the root in L1 memory, write the PATE, flush (RIC=2)."""
         if page_shift not in GUEST_PAGE_SHIFTS:
             raise ConfigError(f"guest page_shift must be one of {GUEST_PAGE_SHIFTS}, not {page_shift}")

@@ -20,7 +20,6 @@ from .effects import (
     AccessResult,
     AcquireTlbLock,
     Effect,
-    ExitReply,
     Invalidation,
     Op,
     Preempt,
@@ -212,7 +211,7 @@ class InProcessCluster:
         out.update({f"sim.{k}": v for k, v in self.stats.items()})
         for s in self.sessions.values():
             out.update({f"vcpu.{k}": v for k, v in s.vcpu.stats.items()})
-        for name, l1 in self.l1s.items():
+        for l1 in self.l1s.values():
             out.update({f"l1.{k}": v for k, v in l1.stats.items()})
         return dict(sorted(out.items()))
 

@@ -97,10 +97,9 @@ def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int
             if spec.pattern == "uniform":
                 a = (rng.randrange(pages) << 12) | (rng.randrange(512) << 3)
             elif spec.pattern == "hot":
-                if rng.random() < 0.9:
-                    a = (rng.randrange(hot_pages) << 12) | (rng.randrange(512) << 3)
-                else:
-                    a = (rng.randrange(pages) << 12) | (rng.randrange(512) << 3)
+                # 90% of accesses go to the hot tenth of the pages.
+                span = hot_pages if rng.random() < 0.9 else pages
+                a = (rng.randrange(span) << 12) | (rng.randrange(512) << 3)
             else:
                 seq = (seq + 64) % fp
                 a = seq
