@@ -1,0 +1,280 @@
+"""A deliberately simple reference model of what the nested MMU should *observably* do.
+
+It never walks a radix tree and shares no code with the core's algorithms: it keeps plain dicts
+of what each L1 *intends* (which L2 pages it maps, to which L1 real page, with which permissions
+and whether L1's leaf has C) and predicts, for an L2 access at a quiescent point, which class of
+outcome the access must get and -- for a fill -- the host address, as the composition of L1's
+mapping and L0's backing of that L1 page.
+
+Two things are learned from the real system rather than predicted, because they are allocation
+decisions, not translation logic: the L1 real page L1's allocator picks for an L2 page
+(``L2Guest.backing``) and the host frame L0's allocator picks for an L1 chunk (``L1Vm.backing``).
+
+The prediction rules paraphrase semantics §3 (nested page fault) and §4 (R/C) at the level of
+outcomes, ordered as the fault checks them:
+
+1. L2 address beyond the guest's memory            -> L1_EMULATED (L1 emulates MMIO in L2 space)
+2. access not allowed by L1's permissions          -> STORAGE_INTERRUPT (injected by L1)
+3. L1 page smaller than L0's base page             -> ERROR (-EINVAL in the kernel)
+4. L1 page in an MMIO hole of L1 (region "mmio")   -> MMIO_EMULATED (by L0, H_TOO_HARD to L1)
+5. store to a page in L1's read-only memslot       -> STORAGE_INTERRUPT (injected by L0)
+6. otherwise                                        -> FILL
+
+L1's leaf for a page that is not mapped is created on the first access that reaches it (any
+class but 1), with R, and with C when that access is a store L1 permits.  A store that fills
+leaves C set in L1's leaf.  Protecting a page without RW, or remapping it, clears C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nestmmu.core.effects import Outcome
+
+READ, RW, EXEC = 0x4, 0x2, 0x1
+LOAD, STORE, IFETCH = 1, 2, 3
+U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class RefRegion:
+    kind: str  # rom | mmio | protect
+    start: int
+    size: int
+    perms: int = READ | RW | EXEC
+
+
+@dataclass
+class RefPage:
+    l1_gpa: int  # L1 real address of the L2 page
+    perms: int
+    c: bool  # L1's leaf has C (R is always set on a mapped page)
+
+
+@dataclass
+class RefGuest:
+    lpid: int
+    page_shift: int
+    memory: int
+    regions: list[RefRegion]
+    pages: dict[int, RefPage] = field(default_factory=dict)  # L2 page number -> mapping
+    perms: dict[int, int] = field(default_factory=dict)  # protect overrides, kept across unmap
+    entered: bool = False  # an H_ENTER_NESTED created L0's nested guest
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.page_shift
+
+    @property
+    def npages(self) -> int:
+        return self.memory >> self.page_shift
+
+    def region_at(self, addr: int) -> RefRegion | None:
+        for r in self.regions:
+            if r.start <= addr < r.start + r.size:
+                return r
+        return None
+
+    def page_perms(self, page: int) -> int:
+        if page in self.perms:
+            return self.perms[page]
+        r = self.region_at(page << self.page_shift)
+        if r is None:
+            return READ | RW | EXEC
+        if r.kind == "rom":
+            return READ | EXEC | (r.perms & RW)
+        return r.perms
+
+
+@dataclass(frozen=True)
+class RefMemslot:
+    base: int
+    size: int
+    read_only: bool
+    backing_shift: int
+
+
+@dataclass
+class RefL1:
+    name: str
+    memslots: list[RefMemslot]
+    guests: dict[int, RefGuest] = field(default_factory=dict)
+    dirty_logging: bool = False  # on memslot 0
+    stored: set[int] = field(default_factory=set)  # L0-page-aligned L1 addresses stored to
+
+    def memslot_for(self, gpa: int) -> RefMemslot | None:
+        for s in self.memslots:
+            if s.base <= gpa < s.base + s.size:
+                return s
+        return None
+
+
+def allows(perms: int, kind: int) -> bool:
+    if kind == STORE:
+        return bool(perms & RW)
+    if kind == IFETCH:
+        return bool(perms & EXEC)
+    return bool(perms & (READ | RW))
+
+
+class Reference:
+    """Per L1: its guests' intended mappings; per L1 page: the host frame (learned)."""
+
+    def __init__(self, l0_page_shift: int) -> None:
+        self.l0_page_shift = l0_page_shift
+        self.l1s: dict[str, RefL1] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_l1(self, name: str, memslots: list[RefMemslot]) -> None:
+        self.l1s[name] = RefL1(name, memslots)
+
+    def remove_l1(self, name: str) -> None:
+        del self.l1s[name]
+
+    def create_guest(self, l1: str, lpid: int, page_shift: int, memory: int, regions: list[RefRegion]) -> None:
+        self.l1s[l1].guests[lpid] = RefGuest(lpid, page_shift, memory, regions)
+
+    def destroy_guest(self, l1: str, lpid: int) -> None:
+        del self.l1s[l1].guests[lpid]
+
+    def entered(self, l1: str, lpid: int) -> None:
+        self.l1s[l1].guests[lpid].entered = True
+
+    def expected_lpids(self) -> int:
+        """L1s plus the nested guests L0 must hold (entered and not destroyed)."""
+        return len(self.l1s) + sum(g.entered for r in self.l1s.values() for g in r.guests.values())
+
+    # ------------------------------------------------------------------ predictions
+    def classify(self, l1: str, lpid: int, addr: int, kind: int) -> Outcome:
+        g = self.l1s[l1].guests[lpid]
+        if addr >= g.memory:
+            return Outcome.L1_EMULATED
+        page = addr >> g.page_shift
+        mapping = g.pages.get(page)
+        perms = mapping.perms if mapping is not None else g.page_perms(page)
+        if not allows(perms, kind):
+            return Outcome.STORAGE_INTERRUPT
+        if g.page_shift < self.l0_page_shift:
+            return Outcome.ERROR
+        r = g.region_at(addr)
+        if r is not None and r.kind == "mmio":
+            return Outcome.MMIO_EMULATED
+        if r is not None and r.kind == "rom" and kind == STORE:
+            return Outcome.STORAGE_INTERRUPT
+        return Outcome.FILL
+
+    def l1_address(self, l1: str, lpid: int, addr: int) -> int | None:
+        g = self.l1s[l1].guests[lpid]
+        m = g.pages.get(addr >> g.page_shift)
+        return None if m is None else m.l1_gpa + (addr & (g.page_size - 1))
+
+    def host_address(self, l1: str, l1_addr: int, l0_backing: dict[int, tuple[int, int]]) -> int | None:
+        """Compose with L0's backing: chunk of the memslot's backing size -> host frame."""
+        slot = self.l1s[l1].memslot_for(l1_addr)
+        if slot is None:
+            return None
+        shift = slot.backing_shift or self.l0_page_shift
+        chunk = l1_addr & ~((1 << shift) - 1)
+        got = l0_backing.get(chunk)
+        if got is None:
+            return None
+        return got[0] + (l1_addr - chunk)
+
+    def expected_host(self, l1: str, lpid: int, addr: int, l0_backing: dict[int, tuple[int, int]]) -> int | None:
+        a = self.l1_address(l1, lpid, addr)
+        return None if a is None else self.host_address(l1, a, l0_backing)
+
+    # ------------------------------------------------------------------ what an access does to L1's intent
+    def note_access(self, l1: str, lpid: int, addr: int, kind: int, outcome: Outcome, learn: Callable[[int], int]) -> None:
+        """Update L1's intended leaves after an access of predicted class ``outcome``.
+
+        ``learn(page)`` returns the L1 real page L1 backs ``page`` with (its allocator's choice).
+        """
+        r1 = self.l1s[l1]
+        g = r1.guests[lpid]
+        if outcome is Outcome.L1_EMULATED:
+            return
+        page = addr >> g.page_shift
+        m = g.pages.get(page)
+        if m is None:
+            perms = g.page_perms(page)
+            m = g.pages[page] = RefPage(learn(page), perms, kind == STORE and bool(perms & RW))
+        if outcome is Outcome.FILL and kind == STORE:
+            m.c = True
+            a = m.l1_gpa + (addr & (g.page_size - 1))
+            slot = r1.memslot_for(a)
+            if r1.dirty_logging and slot is r1.memslots[0]:
+                ps = self.l0_page_shift
+                r1.stored.add(a >> ps << ps)
+
+    # ------------------------------------------------------------------ L1 tree edits
+    def map_pages(self, l1: str, lpid: int, n_gpa: int, length: int, learn: Callable[[int], int]) -> None:
+        g = self.l1s[l1].guests[lpid]
+        for page in range(n_gpa >> g.page_shift, ((n_gpa + length - 1) >> g.page_shift) + 1):
+            if page not in g.pages:
+                g.pages[page] = RefPage(learn(page), g.page_perms(page), False)
+
+    def unmap_pages(self, l1: str, lpid: int, n_gpa: int, length: int) -> None:
+        g = self.l1s[l1].guests[lpid]
+        for page in range(n_gpa >> g.page_shift, ((n_gpa + length - 1) >> g.page_shift) + 1):
+            g.pages.pop(page, None)
+
+    def protect_pages(self, l1: str, lpid: int, n_gpa: int, length: int, perms: int) -> None:
+        g = self.l1s[l1].guests[lpid]
+        for page in range(n_gpa >> g.page_shift, ((n_gpa + length - 1) >> g.page_shift) + 1):
+            g.perms[page] = perms
+            m = g.pages.get(page)
+            if m is not None:
+                m.perms = perms
+                if not perms & RW:
+                    m.c = False
+
+    def remap_pages(self, l1: str, lpid: int, n_gpa: int, length: int, learn: Callable[[int], int]) -> None:
+        g = self.l1s[l1].guests[lpid]
+        for page in range(n_gpa >> g.page_shift, ((n_gpa + length - 1) >> g.page_shift) + 1):
+            m = g.pages.get(page)
+            if m is None:
+                continue
+            r = g.region_at(page << g.page_shift)
+            if r is not None and r.kind != "protect":
+                continue  # ROM and MMIO mappings do not move
+            m.l1_gpa = learn(page)
+            m.c = False
+
+    # ------------------------------------------------------------------ dirty logging
+    def set_dirty_logging(self, l1: str, on: bool) -> None:
+        r = self.l1s[l1]
+        if r.dirty_logging != on:
+            r.stored = set()
+        r.dirty_logging = on
+
+    def harvest(self, l1: str) -> set[int]:
+        r = self.l1s[l1]
+        out, r.stored = r.stored, set()
+        return out
+
+    # ------------------------------------------------------------------ hcall return codes
+    @staticmethod
+    def tlb_invalidate_rc(ric: int, prs: int, r: int, is_: int, ap: int) -> int:
+        if r != 1 or prs or ric == 3 or is_ == 1 or (is_ == 0 and ric in (1, 2)):
+            return -4  # H_PARAMETER
+        if is_ == 0 and ap not in (0b000, 0b101, 0b001, 0b010):
+            return -4
+        return 0
+
+    def rpt_invalidate_rc(self, l1: str, lpid: int, target: int, type_: int, pg_sizes: int, start: int, end: int) -> int:
+        if end < start:
+            return -58  # H_P5
+        if not type_ & 0x1:
+            return 0  # process scoped: nothing modelled to drop
+        if target != 0x1:
+            return -55  # H_P2
+        g = self.l1s[l1].guests.get(lpid)
+        if g is None or not g.entered:
+            return 0
+        if type_ & 0xE == 0xE or (start == 0 and end == U64):
+            return 0
+        if type_ & 0x2:
+            return 0 if pg_sizes & 0xF else -57  # H_P4: no supported size requested
+        return 0

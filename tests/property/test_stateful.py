@@ -1,0 +1,535 @@
+"""Stateful property test: random programs over an in-process cluster, checked step by step.
+
+One Hypothesis ``RuleBasedStateMachine`` drives the real core (``InProcessCluster``: L0, two
+L1s, L2 vCPUs with TLBs) and the plain-dict :mod:`.reference` model with the same random program.
+Rules are what the parts of the system do to each other:
+
+* L2: loads / stores / instruction fetches, one at a time without the TLB (``cluster.access``,
+  the outcome compared with the reference's prediction, fills checked against the composition
+  of L1's mapping and L0's backing) and in batches through the vCPU TLB (``run_batch``, outcome
+  counts compared);
+* L1: map / unmap / protect / remap page ranges (with the invalidations L1 itself issues), raw
+  H_TLB_INVALIDATE (by address with every AP, by LPID RIC 0/1/2, IS=3, malformed) and
+  H_RPT_INVALIDATE (ranges below and above the 33-page ceiling, full-range PWC-only, NESTED_ALL,
+  malformed), destroying and re-creating guests, attaching / detaching vCPUs;
+* L0 host events: unmap and migrate an L1 page, dirty logging on / off and harvests (compared
+  exactly with the stores the reference saw);
+* an L1 dying and coming back.
+
+After every step the online audit (I1-I4, I6, I7 over L0, the L1 trees and every TLB) must be
+clean, and the reference checks: every TLB entry and shadow leaf maps the host address the
+reference composes, shadow C => L1 C and L0 C, L1's trees hold what L1 intends, and L0 holds
+exactly one LPID per L1 and per entered guest.  Invalidation hcalls are also checked for their
+return code and their effect (what they must have removed; other L1s' guests untouched).
+
+Two machines: L0 with 64K base pages (guests of 64K, 2M, rarely 1G; rarely 4K, which L0 cannot
+back and must answer with ERROR) and L0 with 4K base pages (guests of 4K, 64K, 2M).
+The fast variants run in the default suite; the ``slow`` ones run many more programs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from nestmmu.core import formats as f
+from nestmmu.core.effects import AccessResult, Outcome
+from nestmmu.core.formats import Access
+from nestmmu.core.l0 import L0Config
+from nestmmu.core.l1 import GuestRegion, Hcall, RptInvalidate, TlbInvalidate, default_memslots
+from nestmmu.core.sim import InProcessCluster, VcpuSession
+from nestmmu.core.vcpu import allowed_mask
+
+from .reference import EXEC, LOAD, READ, RW, STORE, U64, Reference, RefMemslot, RefRegion
+
+settings.register_profile(
+    "nestmmu-stateful",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=60,
+    stateful_step_count=50,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=False,
+)
+settings.register_profile(
+    "nestmmu-stateful-slow",
+    parent=settings.get_profile("nestmmu-stateful"),
+    max_examples=300,
+    stateful_step_count=80,
+)
+
+L1_NAMES = ("l1a", "l1b")
+USE_RPT = {"l1a": False, "l1b": True}  # l1a flushes with H_TLB_INVALIDATE, l1b with H_RPT_INVALIDATE
+AP_BY_SHIFT = {12: 0b000, 16: 0b101, 21: 0b001, 30: 0b010}
+RPT_BIT_BY_SHIFT = {12: f.H_RPTI_PAGE_4K, 16: f.H_RPTI_PAGE_64K, 21: f.H_RPTI_PAGE_2M, 30: f.H_RPTI_PAGE_1G}
+
+
+def guest_layout(shift: int) -> tuple[int, list[RefRegion]]:
+    """(memory, regions) of a small guest with the given page size."""
+    if shift == 30:
+        return 1 << 30, []
+    unit = max(1 << shift, 64 << 10) if shift < 21 else 2 << 20
+    memory = 16 * unit
+    return memory, [
+        RefRegion("rom", 8 * unit, unit),
+        RefRegion("mmio", 10 * unit, unit),
+        RefRegion("protect", 12 * unit, unit, READ | EXEC),
+    ]
+
+
+class NestedMmuMachine(RuleBasedStateMachine):
+    L0_PAGE_SHIFT = 16
+    # Guest page shifts to draw from (repeats weight the draw).
+    GUEST_SHIFTS: tuple[int, ...] = (16, 16, 21, 21, 12, 30)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = InProcessCluster(L0Config(page_shift=self.L0_PAGE_SHIFT))
+        self.ref = Reference(self.L0_PAGE_SHIFT)
+        self.rcs: Counter[str] = Counter()
+
+    # ================================================================ helpers
+    def _add_l1(self, name: str) -> None:
+        specs = default_memslots()
+        self.c.add_l1(name, specs, use_rpt_invalidate=USE_RPT[name])
+        self.ref.add_l1(name, [RefMemslot(s.base, s.size, s.read_only, s.backing_shift) for s in specs])
+
+    def _create_guest(self, l1: str, shift: int) -> int:
+        memory, regions = guest_layout(shift)
+        lpid = self.c.create_guest(l1, page_shift=shift, memory=memory, regions=[GuestRegion(r.kind, r.start, r.size, r.perms) for r in regions])
+        self.ref.create_guest(l1, lpid, shift, memory, regions)
+        return lpid
+
+    def _attach(self, l1: str, lpid: int, vcpu_id: int) -> VcpuSession:
+        s = self.c.attach_vcpu(l1, lpid, vcpu_id)
+        self.ref.entered(l1, lpid)
+        return s
+
+    def _learn(self, l1: str, lpid: int) -> Any:
+        backing = self.c.l1s[l1].guests[lpid].backing
+        return lambda page: backing[page]
+
+    def _issue(self, l1: str, hcalls: list[Hcall]) -> None:
+        rcs = self.c.issue_all(l1, hcalls)
+        assert all(rc == f.H.SUCCESS for rc in rcs), f"L1's own invalidations failed: {rcs}"
+
+    def _guests(self) -> list[tuple[str, int]]:
+        return [(n, lp) for n, r in sorted(self.ref.l1s.items()) for lp in sorted(r.guests)]
+
+    def _draw_guest(self, data: st.DataObject) -> tuple[str, int]:
+        return data.draw(st.sampled_from(self._guests()), label="guest")
+
+    def _draw_session(self, data: st.DataObject) -> VcpuSession:
+        name = data.draw(st.sampled_from(sorted(self.c.sessions)), label="vcpu")
+        return self.c.sessions[name]
+
+    def _draw_page(self, data: st.DataObject, l1: str, lpid: int, beyond: bool = True) -> int:
+        g = self.ref.l1s[l1].guests[lpid]
+        n = g.npages
+        cands = list(range(min(n, 6)))
+        for r in g.regions:
+            p = r.start >> g.page_shift
+            cands += [p, min(p + 1, n - 1)]
+        if beyond:
+            cands += [n, n + 3]
+        return data.draw(st.sampled_from(sorted(set(cands))), label="page")
+
+    def _draw_addr(self, data: st.DataObject, l1: str, lpid: int) -> int:
+        g = self.ref.l1s[l1].guests[lpid]
+        page = self._draw_page(data, l1, lpid)
+        off = data.draw(st.integers(0, 15), label="slice") * (g.page_size >> 4) + 8 * data.draw(st.integers(0, 3), label="word")
+        return (page << g.page_shift) + off
+
+    def _draw_range(self, data: st.DataObject, l1: str, lpid: int) -> tuple[int, int]:
+        g = self.ref.l1s[l1].guests[lpid]
+        page = self._draw_page(data, l1, lpid, beyond=False)
+        count = data.draw(st.integers(1, 4), label="pages")
+        count = min(count, g.npages - page)
+        return page << g.page_shift, count << g.page_shift
+
+    def _leaf_counts(self) -> dict[tuple[str, int], int]:
+        out = {}
+        for name, vm in self.c.l0.l1s.items():
+            for lpid, gp in vm.nested.items():
+                out[(name, lpid)] = len(self.c.l0.shadow_leaves(gp))
+        return out
+
+    def _leaves_in(self, l1: str, lpid: int, start: int, end: int) -> list[Any]:
+        gp = self.c.l0.l1s[l1].nested.get(lpid)
+        if gp is None or gp.shadow_pgtable is None:
+            return []
+        return list(gp.shadow_pgtable.leaves(start, end))
+
+    def _tlb_entries_of(self, l1: str, lpid: int) -> int:
+        return sum(len(s.vcpu.tlb) for s in self.c.sessions.values() if s.l1 == l1 and s.l1_lpid == lpid)
+
+    def _check_fill(self, s: VcpuSession, addr: int, kind: int, res: AccessResult) -> None:
+        t = res.translation
+        assert t is not None
+        g = self.ref.l1s[s.l1].guests[s.l1_lpid]
+        assert t.lpid == s.vcpu.lpid, f"fill tagged with LPID {t.lpid}, vCPU runs {s.vcpu.lpid}"
+        assert t.page <= addr < t.page + (1 << t.shift), f"fill {t.page:#x}/2^{t.shift} does not cover {addr:#x}"
+        assert t.shift <= g.page_shift, f"fill of 2^{t.shift} exceeds L1's 2^{g.page_shift} page"
+        assert allowed_mask(t.pte) & (1 << kind), f"fill {t.pte:#x} does not allow access kind {kind}"
+        want = self.ref.expected_host(s.l1, s.l1_lpid, addr, self.c.vms[s.l1].backing)
+        got = t.host + (addr - t.page)
+        assert want == got, f"fill for {addr:#x}: host {got:#x}, reference composes {want}"
+
+    # ================================================================ setup
+    def _draw_shift(self, data: st.DataObject) -> int:
+        return data.draw(st.sampled_from(self.GUEST_SHIFTS), label="page_shift")
+
+    @initialize(data=st.data())
+    def boot(self, data: st.DataObject) -> None:
+        shifts = [self._draw_shift(data) for _ in range(3)]
+        for name in L1_NAMES:
+            self._add_l1(name)
+        specs = [("l1a", shifts[0]), ("l1a", shifts[1]), ("l1b", shifts[2])]
+        for i, (l1, shift) in enumerate(specs):
+            lpid = self._create_guest(l1, shift)
+            self._attach(l1, lpid, i % 2)
+
+    # ================================================================ L2 accesses
+    @precondition(lambda self: self.c.sessions)
+    @rule(data=st.data(), kind=st.sampled_from([LOAD, LOAD, STORE, STORE, 3]))
+    def access(self, data: st.DataObject, kind: int) -> None:
+        s = self._draw_session(data)
+        addr = self._draw_addr(data, s.l1, s.l1_lpid)
+        want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
+        res = self.c.access(s, addr, Access(kind))
+        self.rcs[f"access.{res.outcome.name}"] += 1
+        assert res.outcome is want, f"{s.name} {Access(kind).name} {addr:#x}: got {res.outcome.name} ({res.detail}), reference says {want.name}"
+        self.ref.note_access(s.l1, s.l1_lpid, addr, kind, want, self._learn(s.l1, s.l1_lpid))
+        if want is Outcome.FILL:
+            self._check_fill(s, addr, kind, res)
+
+    @precondition(lambda self: self.c.sessions)
+    @rule(data=st.data())
+    def batch(self, data: st.DataObject) -> None:
+        s = self._draw_session(data)
+        n = data.draw(st.integers(1, 24), label="n")
+        addrs = [self._draw_addr(data, s.l1, s.l1_lpid) for _ in range(n)]
+        kinds = data.draw(st.lists(st.sampled_from([LOAD, STORE, 3]), min_size=n, max_size=n), label="kinds")
+        want = Counter(self.ref.classify(s.l1, s.l1_lpid, a, k) for a, k in zip(addrs, kinds, strict=True))
+        before = Counter(s.vcpu.stats)
+        self.c.run_batch(s, addrs, kinds)
+        d = Counter(s.vcpu.stats)
+        d.subtract(before)
+        got = {
+            Outcome.STORAGE_INTERRUPT: d["storage_interrupts"],
+            Outcome.MMIO_EMULATED: d["mmio_emulated"],
+            Outcome.L1_EMULATED: d["l1_emulated"],
+            Outcome.ERROR: d["errors"],
+            Outcome.FILL: d["fills"] + d["tlb_hits"],
+        }
+        assert d["accesses"] == n
+        assert got == {o: want[o] for o in got}, f"batch outcome counts {got} != reference {dict(want)}"
+        self.rcs["batch"] += 1
+        learn = self._learn(s.l1, s.l1_lpid)
+        for a, k in zip(addrs, kinds, strict=True):
+            self.ref.note_access(s.l1, s.l1_lpid, a, k, self.ref.classify(s.l1, s.l1_lpid, a, k), learn)
+
+    # ================================================================ L1 edits of its L2 trees
+    @rule(data=st.data(), op=st.sampled_from(["map", "unmap", "protect", "remap"]))
+    def l1_edit(self, data: st.DataObject, op: str) -> None:
+        l1, lpid = self._draw_guest(data)
+        start, length = self._draw_range(data, l1, lpid)
+        h = self.c.l1s[l1]
+        if op == "map":
+            _, hc = h.map_pages(lpid, start, length)
+            self._issue(l1, hc)
+            self.ref.map_pages(l1, lpid, start, length, self._learn(l1, lpid))
+        elif op == "unmap":
+            _, hc = h.unmap_pages(lpid, start, length)
+            self._issue(l1, hc)
+            self.ref.unmap_pages(l1, lpid, start, length)
+            assert not self._leaves_in(l1, lpid, start, start + length), "shadow leaves survive L1's unmap"
+        elif op == "protect":
+            perms = data.draw(st.integers(0, 7), label="perms")
+            _, hc = h.protect_pages(lpid, start, length, perms)
+            self._issue(l1, hc)
+            self.ref.protect_pages(l1, lpid, start, length, perms)
+        else:
+            _, hc = h.remap_pages(lpid, start, length)
+            self._issue(l1, hc)
+            self.ref.remap_pages(l1, lpid, start, length, self._learn(l1, lpid))
+        self.rcs[f"l1.{op}"] += 1
+
+    # ================================================================ raw invalidation hcalls
+    def _draw_lpid(self, data: st.DataObject, l1: str) -> int:
+        return data.draw(st.sampled_from([*sorted(self.ref.l1s[l1].guests), 77]), label="lpid")
+
+    def _after_flush(self, l1: str, before: dict[tuple[str, int], int], emptied: list[int], untouched: list[int]) -> None:
+        after = self._leaf_counts()
+        for key, n in before.items():
+            if key[0] != l1:
+                assert after.get(key, 0) == n, f"{l1}'s invalidation changed {key[0]}'s guest {key[1]} ({n} -> {after.get(key)} leaves)"
+        for lpid in emptied:
+            assert after.get((l1, lpid), 0) == 0, f"{l1} lpid {lpid}: shadow leaves survive a full flush"
+            assert self._tlb_entries_of(l1, lpid) == 0, f"{l1} lpid {lpid}: TLB entries survive a full flush"
+        for lpid in untouched:
+            assert after.get((l1, lpid), 0) == before.get((l1, lpid), 0), f"{l1} lpid {lpid}: a no-op flush removed leaves"
+
+    @rule(data=st.data(), l1=st.sampled_from(L1_NAMES), form=st.sampled_from(["addr", "lpid", "all", "bad"]))
+    def h_tlb_invalidate(self, data: st.DataObject, l1: str, form: str) -> None:
+        lpid = self._draw_lpid(data, l1)
+        g = self.ref.l1s[l1].guests.get(lpid)
+        ric, prs, r, is_, ap, epn = 0, 0, 1, f.IS_VA, 0, 0
+        if form == "addr":
+            ap = data.draw(st.sampled_from(sorted(AP_BY_SHIFT.values())), label="ap")
+            epn = self._draw_addr(data, l1, lpid) if g is not None else 0
+        elif form in ("lpid", "all"):
+            ric = data.draw(st.integers(0, 2), label="ric")
+            is_ = f.IS_LPID if form == "lpid" else f.IS_ALL
+        else:
+            ric, prs, r, is_, ap = data.draw(
+                st.sampled_from([(0, 0, 1, 1, 0), (3, 0, 1, 2, 0), (2, 0, 1, 0, 0), (1, 0, 1, 0, 0), (0, 1, 1, 2, 0), (0, 0, 0, 2, 0), (0, 0, 1, 0, 0b011)]),
+                label="malformed",
+            )
+        instr, rs, rb = f.encode_tlbie(ric, prs, r, lpid, is_, epn, ap)
+        before = self._leaf_counts()
+        rc = self.c.issue(l1, TlbInvalidate(instr, rs, rb))
+        want = Reference.tlb_invalidate_rc(ric, prs, r, is_, ap)
+        assert rc == want, f"H_TLB_INVALIDATE ric={ric} prs={prs} r={r} is={is_} ap={ap:#b}: rc {rc}, expected {want}"
+        self.rcs[f"tlbie.{form}.{rc}"] += 1
+        if rc != f.H.SUCCESS:
+            self._after_flush(l1, before, [], [lp for (n, lp) in before if n == l1])
+            return
+        mine = [lp for (n, lp) in before if n == l1]
+        if is_ == f.IS_VA:
+            shift = f.AP_TO_SHIFT[ap]
+            size = max(1 << shift, 1 << self.L0_PAGE_SHIFT)
+            start = epn & ~(size - 1)
+            assert not self._leaves_in(l1, lpid, start, start + size), f"shadow leaves survive tlbie of {start:#x}+{size:#x}"
+            self._after_flush(l1, before, [], [])
+        elif ric == f.RIC_PWC:
+            self._after_flush(l1, before, [], mine)
+        else:
+            emptied = mine if is_ == f.IS_ALL else [lpid]
+            self._after_flush(l1, before, [lp for lp in emptied if (l1, lp) in before], [])
+
+    @rule(data=st.data(), l1=st.sampled_from(L1_NAMES), form=st.sampled_from(["range", "range", "full_pwc", "nested_all", "bad"]))
+    def h_rpt_invalidate(self, data: st.DataObject, l1: str, form: str) -> None:
+        lpid = self._draw_lpid(data, l1)
+        g = self.ref.l1s[l1].guests.get(lpid)
+        target, type_ = f.H_RPTI_TARGET_CMMU, f.H_RPTI_TYPE_NESTED
+        pg_sizes, start, end = f.H_RPTI_PAGE_ALL, 0, U64
+        if form == "range":
+            unit = data.draw(st.sampled_from([12, 16, 21, 30]), label="unit")
+            sizes = [RPT_BIT_BY_SHIFT[unit], RPT_BIT_BY_SHIFT[unit] | f.H_RPTI_PAGE_2M, f.H_RPTI_PAGE_ALL, 0x10]
+            pg_sizes = data.draw(st.sampled_from(sizes), label="pg_sizes")
+            nr = data.draw(st.sampled_from([1, 2, 33, 34, 40]), label="nr")
+            base = self._draw_addr(data, l1, lpid) if g is not None else 0
+            start = base & ~((1 << unit) - 1)
+            end = start + (nr << unit)
+            type_ |= data.draw(st.sampled_from([f.H_RPTI_TYPE_TLB, f.H_RPTI_TYPE_TLB | f.H_RPTI_TYPE_PWC, f.H_RPTI_TYPE_PWC]), label="type")
+        elif form == "full_pwc":
+            type_ |= f.H_RPTI_TYPE_PWC
+        elif form == "nested_all":
+            type_ |= f.H_RPTI_TYPE_NESTED_ALL
+        else:
+            # end < start (H_P5), a target other than CMMU (H_P2), no NESTED (process scope)
+            bad = [(f.H_RPTI_TARGET_CMMU, 0x3, 0x20000, 0x10000), (f.H_RPTI_TARGET_NMMU, 0x3, 0, 0x10000), (f.H_RPTI_TARGET_CMMU, 0x2, 0, 0x10000)]
+            target, type_, start, end = data.draw(st.sampled_from(bad), label="malformed")
+        before = self._leaf_counts()
+        rc = self.c.issue(l1, RptInvalidate(lpid, target, type_, pg_sizes, start, end))
+        want = self.ref.rpt_invalidate_rc(l1, lpid, target, type_, pg_sizes, start, end)
+        assert rc == want, f"H_RPT_INVALIDATE type={type_:#x} sizes={pg_sizes:#x} [{start:#x},{end:#x}): rc {rc}, expected {want}"
+        self.rcs[f"rpt.{form}.{rc}"] += 1
+        mine = [lp for (n, lp) in before if n == l1]
+        others = [lp for lp in mine if lp != lpid]
+        if rc != f.H.SUCCESS or form == "bad" or (l1, lpid) not in before:
+            self._after_flush(l1, before, [], mine)
+            return
+        if form in ("full_pwc", "nested_all"):
+            self._after_flush(l1, before, [lpid], others)
+            return
+        if not type_ & f.H_RPTI_TYPE_TLB:
+            self._after_flush(l1, before, [], mine)  # ranged PWC-only: no-op
+            return
+        sizes = [s for s, bit in RPT_BIT_BY_SHIFT.items() if pg_sizes & bit]
+        if any((end - start) >> s > f.TLB_RANGE_FLUSH_PAGE_CEILING for s in sizes):
+            self._after_flush(l1, before, [lpid], others)  # above the ceiling: full flush
+        else:
+            assert not self._leaves_in(l1, lpid, start, end), f"shadow leaves survive H_RPT_INVALIDATE [{start:#x},{end:#x})"
+            self._after_flush(l1, before, [], others)
+
+    # ================================================================ L0 host events
+    def _draw_l1_page(self, data: st.DataObject, l1: str) -> int:
+        r = self.ref.l1s[l1]
+        addrs = sorted(m.l1_gpa for g in r.guests.values() for m in g.pages.values() if r.memslot_for(m.l1_gpa) is not None)
+        addrs.append(r.memslots[1].base)  # the ROM slot
+        a = data.draw(st.sampled_from(addrs), label="l1_gpa")
+        return a + data.draw(st.sampled_from([0, 64 << 10, 1 << 20]), label="offset")
+
+    @rule(data=st.data(), l1=st.sampled_from(L1_NAMES), migrate=st.booleans())
+    def host_event(self, data: st.DataObject, l1: str, migrate: bool) -> None:
+        gpa = self._draw_l1_page(data, l1)
+        vm = self.c.vms[l1]
+        if vm.memslot_for(gpa) is None:
+            return
+        if migrate:
+            _, old, new = self.c.l0.host_migrate(vm, gpa)
+            if old:
+                assert new and new != old, f"host_migrate of {gpa:#x} 'moved' the page from {old:#x} to {new:#x}"
+        else:
+            self.c.l0.host_unmap(vm, gpa)
+        self.c.deliver(self.c.l0.take_invalidations())
+        self.rcs["host.migrate" if migrate else "host.unmap"] += 1
+
+    @rule(l1=st.sampled_from(L1_NAMES), on=st.booleans())
+    def dirty_logging(self, l1: str, on: bool) -> None:
+        self.c.l0.set_dirty_logging(self.c.vms[l1], 0, on)
+        self.c.deliver(self.c.l0.take_invalidations())
+        self.ref.set_dirty_logging(l1, on)
+        self.rcs[f"dirty.{on}"] += 1
+
+    @precondition(lambda self: any(r.dirty_logging for r in self.ref.l1s.values()))
+    @rule(data=st.data())
+    def harvest(self, data: st.DataObject) -> None:
+        l1 = data.draw(st.sampled_from([n for n, r in sorted(self.ref.l1s.items()) if r.dirty_logging]), label="l1")
+        got = set(self.c.l0.harvest_dirty(self.c.vms[l1], 0))
+        self.c.deliver(self.c.l0.take_invalidations())
+        want = self.ref.harvest(l1)
+        assert got == want, f"{l1} dirty log: missing {sorted(map(hex, want - got))}, unexpected {sorted(map(hex, got - want))}"
+        self.rcs["dirty.harvest"] += 1
+
+    # ================================================================ lifecycles
+    @rule(data=st.data())
+    def recreate_guest(self, data: st.DataObject) -> None:
+        l1, lpid = self._draw_guest(data)
+        shift = self._draw_shift(data)
+        for name in [n for n, s in self.c.sessions.items() if s.l1 == l1 and s.l1_lpid == lpid]:
+            self.c.detach_vcpu(name)
+        self._issue(l1, self.c.l1s[l1].destroy_guest(lpid))
+        self.ref.destroy_guest(l1, lpid)
+        assert lpid not in self.c.vms[l1].nested, "destroyed guest still registered in L0"
+        new = self._create_guest(l1, shift)
+        self._attach(l1, new, 0)
+        self.rcs["guest.recreate"] += 1
+
+    @rule(data=st.data(), vcpu_id=st.integers(0, 2))
+    def attach(self, data: st.DataObject, vcpu_id: int) -> None:
+        l1, lpid = self._draw_guest(data)
+        if f"{l1}/{lpid}/{vcpu_id}" in self.c.sessions:
+            return
+        self._attach(l1, lpid, vcpu_id)
+        self.rcs["vcpu.attach"] += 1
+
+    @precondition(lambda self: self.c.sessions)
+    @rule(data=st.data())
+    def detach(self, data: st.DataObject) -> None:
+        s = self._draw_session(data)
+        self.c.detach_vcpu(s.name)
+        self.rcs["vcpu.detach"] += 1
+
+    @rule(data=st.data(), l1=st.sampled_from(L1_NAMES))
+    def l1_restart(self, data: st.DataObject, l1: str) -> None:
+        shift = self._draw_shift(data)
+        self.c.remove_l1(l1)
+        self.ref.remove_l1(l1)
+        assert len(self.c.l0.lpids_in_use) == self.ref.expected_lpids(), "LPIDs leaked by a departed L1"
+        self._add_l1(l1)
+        lpid = self._create_guest(l1, shift)
+        self._attach(l1, lpid, 0)
+        self.rcs["l1.restart"] += 1
+
+    # ================================================================ invariants
+    @invariant()
+    def audit_clean(self) -> None:
+        rep = self.c.audit()
+        assert rep.ok, "audit violations:\n" + "\n".join(str(v) for v in rep.violations[:20])
+
+    @invariant()
+    def lpids_accounted(self) -> None:
+        assert len(self.c.l0.lpids_in_use) == self.ref.expected_lpids(), (
+            f"L0 holds {len(self.c.l0.lpids_in_use)} LPIDs, reference expects {self.ref.expected_lpids()}"
+        )
+        for name, r in self.ref.l1s.items():
+            want = {lp for lp, g in r.guests.items() if g.entered}
+            assert set(self.c.vms[name].nested) == want, f"{name}: L0 registry {sorted(self.c.vms[name].nested)} != {sorted(want)}"
+
+    @invariant()
+    def l1_trees_match_intent(self) -> None:
+        for name, r in self.ref.l1s.items():
+            h = self.c.l1s[name]
+            for lpid, g in r.guests.items():
+                real = h.guests[lpid]
+                assert set(real.backing) == set(g.pages), f"{name}/{lpid}: L1 backs pages {sorted(real.backing)}, reference maps {sorted(g.pages)}"
+                pate = real.pate_dw0()
+                for page, m in g.pages.items():
+                    w = h.walk(pate, page << g.page_shift)
+                    where = f"{name}/{lpid} page {page:#x}"
+                    assert w.ok, f"{where}: L1 walk fails with {w.code:#x}"
+                    assert w.raddr == m.l1_gpa, f"{where}: L1 leaf -> {w.raddr:#x}, reference {m.l1_gpa:#x}"
+                    assert w.pte & 7 == m.perms, f"{where}: L1 perms {w.pte & 7:#x}, reference {m.perms:#x}"
+                    assert w.pte & f.PTE_R, f"{where}: mapped leaf without R"
+                    assert bool(w.pte & f.PTE_C) == m.c, f"{where}: L1 C={bool(w.pte & f.PTE_C)}, reference C={m.c}"
+
+    @invariant()
+    def shadow_leaves_compose(self) -> None:
+        for name, r in self.ref.l1s.items():
+            vm = self.c.vms[name]
+            for lpid, gp in vm.nested.items():
+                g = r.guests[lpid]
+                for slot in self.c.l0.shadow_leaves(gp):
+                    where = f"{name}/{lpid} shadow leaf {slot.gpa:#x}/2^{slot.shift}"
+                    m = g.pages.get(slot.gpa >> g.page_shift)
+                    assert m is not None, f"{where}: L1 does not map this page"
+                    want = self.ref.expected_host(name, lpid, slot.gpa, vm.backing)
+                    assert want == slot.pte & f.PTE_RPN_MASK, f"{where}: maps {slot.pte & f.PTE_RPN_MASK:#x}, reference composes {want}"
+                    assert not slot.pte & 7 & ~m.perms, f"{where}: perms {slot.pte & 7:#x} exceed L1's {m.perms:#x}"
+                    if slot.pte & f.PTE_C:
+                        assert m.c, f"{where}: shadow C but L1's leaf has no C"
+                        a = self.ref.l1_address(name, lpid, slot.gpa)
+                        assert a is not None
+                        l0 = vm.pgtable.lookup_leaf(a)
+                        assert l0 is not None and l0.pte & f.PTE_C, f"{where}: shadow C but L0's PTE has no C"
+
+    @invariant()
+    def tlbs_compose(self) -> None:
+        for s in self.c.sessions.values():
+            g = self.ref.l1s[s.l1].guests[s.l1_lpid]
+            for e in s.vcpu.tlb.entries():
+                where = f"{s.name} TLB {e.page:#x}/2^{e.shift}"
+                assert e.lpid == s.vcpu.lpid, f"{where}: tagged {e.lpid}, vCPU runs {s.vcpu.lpid}"
+                assert e.shift <= g.page_shift, f"{where}: larger than L1's page"
+                want = self.ref.expected_host(s.l1, s.l1_lpid, e.page, self.c.vms[s.l1].backing)
+                assert want == e.host, f"{where}: host {e.host:#x}, reference composes {want}"
+                for kind in (LOAD, STORE, 3):
+                    if e.mask & (1 << kind):
+                        o = self.ref.classify(s.l1, s.l1_lpid, e.page, kind)
+                        assert o is Outcome.FILL, f"{where}: allows kind {kind} that must give {o.name}"
+                if e.mask & (1 << STORE):
+                    m = g.pages[e.page >> g.page_shift]
+                    assert m.c and m.perms & RW, f"{where}: allows stores but L1's leaf has no C"
+
+
+class Machine64K(NestedMmuMachine):
+    L0_PAGE_SHIFT = 16
+    GUEST_SHIFTS = (16, 16, 21, 21, 12, 30)
+
+
+class Machine4K(NestedMmuMachine):
+    L0_PAGE_SHIFT = 12
+    GUEST_SHIFTS = (12, 12, 16, 16, 21)
+
+
+MACHINES = [pytest.param(Machine64K, id="l0-64k"), pytest.param(Machine4K, id="l0-4k")]
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_nested_mmu_stateful(machine: type[NestedMmuMachine]) -> None:
+    run_state_machine_as_test(machine, settings=settings.get_profile("nestmmu-stateful"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("machine", MACHINES)
+def test_nested_mmu_stateful_slow(machine: type[NestedMmuMachine]) -> None:
+    run_state_machine_as_test(machine, settings=settings.get_profile("nestmmu-stateful-slow"))
