@@ -403,6 +403,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
     # ================================================================ lifecycles
     @rule(data=st.data())
     def recreate_guest(self, data: st.DataObject) -> None:
+        if data.draw(st.integers(0, 3), label="rare") != 0:
+            return  # keep state long-lived: only one draw in four destroys a guest
         l1, lpid = self._draw_guest(data)
         shift = self._draw_shift(data)
         for name in [n for n, s in self.c.sessions.items() if s.l1 == l1 and s.l1_lpid == lpid]:
@@ -431,6 +433,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), l1=st.sampled_from(L1_NAMES))
     def l1_restart(self, data: st.DataObject, l1: str) -> None:
+        if data.draw(st.integers(0, 5), label="rare") != 0:
+            return  # keep state long-lived: only one draw in six restarts an L1
         shift = self._draw_shift(data)
         self.c.remove_l1(l1)
         self.ref.remove_l1(l1)
