@@ -281,6 +281,8 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             return r.write_memory.ok
         ex = eff.exit
         self.stats["exits_reflected"] += 1
+        # request_id (bound by the run worker from the L2 batch) travels on in the L0Call.
+        log.debug("exit_reflected", l1=eff.l1.name, l1_lpid=eff.l1_lpid, vcpu=eff.vcpu_id, trap=hex(ex.trap), hdsisr=hex(ex.hdsisr), n_gpa=hex(ex.asdr))
         call = l0_pb2.HandleExitCall(
             l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access]
         )

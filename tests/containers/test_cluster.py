@@ -119,6 +119,7 @@ def test_cutting_l2_off_the_network_does_not_hang_an_invalidation(up: NestmmuCom
         while asyncio.run(leaves()) < 4 and time.monotonic() < deadline:
             time.sleep(0.3)
         assert asyncio.run(leaves()) >= 4
+        assert asyncio.run(_stats(addr(up, "l0"))).counters.values["svc.run_streams"] == 2  # both vCPUs live
         l2_id = up.compose("ps", "-q", "l2").stdout.decode().strip()
         net = f"{up.project_name}_mmu"
         subprocess.run(["docker", "network", "disconnect", net, l2_id], check=True, capture_output=True)
@@ -132,8 +133,9 @@ def test_cutting_l2_off_the_network_does_not_hang_an_invalidation(up: NestmmuCom
         rc, took = asyncio.run(unmap())
         assert rc == 0
         assert took < 20, f"the invalidation waited {took:.1f}s for an unreachable vCPU"
+        # Whether L0 saw the streams break or cut them after the ack timeout, they are gone.
         st = asyncio.run(_stats(addr(up, "l0")))
-        assert st.counters.values.get("svc.vcpus_disconnected_no_ack", 0) >= 1
+        assert st.counters.values["svc.run_streams"] == 0
         assert asyncio.run(cluster.audit(addr(up, "l0"))).ok
     finally:
         bg.kill()
