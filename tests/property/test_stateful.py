@@ -383,6 +383,51 @@ class NestedMmuMachine(RuleBasedStateMachine):
         self.c.deliver(self.c.l0.take_invalidations())
         self.rcs["host.migrate" if migrate else "host.unmap"] += 1
 
+    @precondition(lambda self: self.c.sessions)
+    @rule(data=st.data(), kind=st.sampled_from([LOAD, STORE, STORE]), event=st.sampled_from(["harvest", "unmap", "migrate"]))
+    def access_racing_host_event(self, data: st.DataObject, kind: int, event: str) -> None:
+        """A host event runs on another CPU while a nested fault sits between reading L0's PTE
+        and inserting the shadow PTE (the window the mmu_seq check closes, §3 step 12, §6)."""
+        s = self._draw_session(data)
+        addr = self._draw_addr(data, s.l1, s.l1_lpid)
+        vm = self.c.vms[s.l1]
+        r1 = self.ref.l1s[s.l1]
+        fired: list[str] = []
+
+        def hook(where: str) -> None:
+            if fired or where != "nested_fault:after_l0_pte_read":
+                return
+            fired.append(where)
+            # L1 may have instantiated the page during this very access: learn its backing.
+            g = self.ref.l1s[s.l1].guests[s.l1_lpid]
+            page = self.c.l1s[s.l1].guests[s.l1_lpid].backing.get(addr >> g.page_shift)
+            assert page is not None, "a fault reached L0's PTE for a page L1 does not back"
+            l1_addr = page + (addr & (g.page_size - 1))
+            if event == "harvest":
+                if not r1.dirty_logging:
+                    return
+                got = set(self.c.l0.harvest_dirty(vm, 0))
+                want = self.ref.harvest(s.l1)
+                ps = self.L0_PAGE_SHIFT
+                # The in-flight store may already have set C in L0's PTE (instantiate).
+                assert want <= got <= want | {l1_addr >> ps << ps}, f"racing harvest: got {sorted(map(hex, got))}, reference {sorted(map(hex, want))}"
+            elif event == "unmap":
+                self.c.l0.host_unmap(vm, l1_addr)
+            else:
+                self.c.l0.host_migrate(vm, l1_addr)
+
+        want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
+        self.c.preempt_hook = hook
+        try:
+            res = self.c.access(s, addr, Access(kind))
+        finally:
+            self.c.preempt_hook = None
+        self.rcs[f"race.{event}.{'fired' if fired else 'idle'}"] += 1
+        assert res.outcome is want, f"{s.name} {Access(kind).name} {addr:#x} racing {event}: got {res.outcome.name} ({res.detail}), reference says {want.name}"
+        self.ref.note_access(s.l1, s.l1_lpid, addr, kind, want, self._learn(s.l1, s.l1_lpid))
+        if want is Outcome.FILL:
+            self._check_fill(s, addr, kind, res)
+
     @rule(l1=st.sampled_from(L1_NAMES), on=st.booleans())
     def dirty_logging(self, l1: str, on: bool) -> None:
         self.c.l0.set_dirty_logging(self.c.vms[l1], 0, on)
