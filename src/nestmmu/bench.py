@@ -16,7 +16,9 @@ Timings on shared 2-core machines are noisy: read ratios, not absolutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import io
 import statistics
 import sys
 import time
@@ -166,7 +168,9 @@ def run(quick: bool = False, cluster: bool = True, progress: bool = True) -> dic
     if bench_core is not None:
         if progress:
             print("bench: core hot paths (in-process)", file=sys.stderr, flush=True)
-        out["core"] = bench_core.run(quick=quick)
+        # bench_core prints its own table; keep stdout for our report (the --json object).
+        with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
+            out["core"] = bench_core.run(quick=quick)
     if cluster:
         out["cluster"] = _cluster(quick, progress)
     return out
