@@ -475,15 +475,26 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         except (L1Gone, TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the L1 did not answer a call this hcall needs: {e}")
 
+    def _reap_removed_guests(self, s: L1Session) -> None:
+        """A RIC=2 flush of a cleared PATE removed a nested guest: the L1 destroyed it, and its
+        vCPUs go with it (Linux-as-L1 stops a guest's vCPUs before freeing it).  Without this
+        a vCPU still attached would re-read the PATE of a *new* guest that reuses the lpid."""
+        for st in list(s.streams):
+            if s.vm.nested.get(st.gp.l1_lpid) is not st.gp:
+                self.stats["run_streams_closed_guest_destroyed"] += 1
+                self._drop_stream(st, f"nested guest lpid {st.gp.l1_lpid} was destroyed by its L1")
+
     async def TlbInvalidate(self, request: l0_pb2.TlbInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.TlbInvalidateResponse:
         s = await self._session(context)
         rc = await self._hcall(context, self.core.h_tlb_invalidate(s.vm, request.instr, request.rs, request.rb))
+        self._reap_removed_guests(s)
         return l0_pb2.TlbInvalidateResponse(hcall_rc=rc)
 
     async def RptInvalidate(self, request: l0_pb2.RptInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.RptInvalidateResponse:
         s = await self._session(context)
         r = request
         rc = await self._hcall(context, self.core.h_rpt_invalidate(s.vm, r.id, r.target, r.type, r.page_sizes, r.start, r.end))
+        self._reap_removed_guests(s)
         return l0_pb2.RptInvalidateResponse(hcall_rc=rc)
 
     async def CopyToFromGuest(self, request: l0_pb2.CopyToFromGuestRequest, context: grpc.aio.ServicerContext) -> l0_pb2.CopyToFromGuestResponse:

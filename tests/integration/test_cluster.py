@@ -339,3 +339,26 @@ async def test_killed_l1_has_all_guests_released() -> None:
             await cli.audit_clean()
         finally:
             await cli.close()
+
+
+@pytest.mark.asyncio
+async def test_destroying_a_guest_stops_its_vcpus_and_its_lpid_can_be_reused(cl: Client) -> None:
+    lpid = await cl.guest("l1b")
+    v, _ = await cl.vcpu("l1b", lpid, 0)
+    [(o, *_)] = await v.run([0x10000], [STORE])
+    assert o == FILL
+    r = await cl.l1["l1b"].DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=30)
+    assert r.hcall_rc == 0
+    for _ in range(50):
+        if v.error is not None:
+            break
+        await asyncio.sleep(0.1)
+    # The vCPU of the destroyed guest was stopped, not left to read a later guest's PATE.
+    assert v.error is not None and v.error.code() == grpc.StatusCode.ABORTED
+    again = await cl.guest("l1b", page_shift=21)
+    assert again == lpid  # L1 reuses the lowest free lpid
+    v2, _ = await cl.vcpu("l1b", again, 0)
+    [(o, page, _, flags, _)] = await v2.run([0x10000], [LOAD])
+    assert o == FILL and flags & 0xFF == 21 and page == 0  # the new guest's 2M page, on 2M L0 backing
+    assert [lf.n_gpa for lf in (await cl.shadow("l1b", again)).leaves] == [0]  # nothing of the old guest
+    await cl.audit_clean()
