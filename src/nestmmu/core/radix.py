@@ -146,7 +146,7 @@ class Slot:
 class RadixTable:
     """A partition-scoped radix tree that L0 owns, in host memory (Linux pgd/pud/pmd/pte)."""
 
-    __slots__ = ("mem", "alloc", "root", "page_shift", "pte_bits", "_shifts", "_bits", "table_pages")
+    __slots__ = ("_bits", "_shifts", "alloc", "mem", "page_shift", "pte_bits", "root", "table_pages")
 
     def __init__(self, mem: SimMemory, alloc: Allocator, page_shift: int) -> None:
         if page_shift not in (12, 16):
