@@ -119,8 +119,13 @@ async def serve_forever(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     host: str = "0.0.0.0",
     ready: asyncio.Event | None = None,
+    gate: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Start a grpc.aio server with health and reflection, serve until SIGTERM/SIGINT."""
+    """Start a grpc.aio server with health and reflection, serve until SIGTERM/SIGINT.
+
+    Health says NOT_SERVING until ``gate`` (if given) completes: an L1 is not usable before
+    it has registered with L0, and orchestrators start dependants on health.
+    """
     log = structlog.get_logger(name)
     server = grpc.aio.server(
         interceptors=[RequestIdInterceptor(name)], options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -134,16 +139,25 @@ async def serve_forever(
         raise SystemExit(f"{name}: cannot listen on {host}:{port}")
     await server.start()
     for svc in [*services, ""]:
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", port=bound, services=services)
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def mark_serving() -> None:
+        if gate is not None:
+            await gate()
+        for svc in [*services, ""]:
+            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", port=bound, services=services)
+        if ready is not None:
+            ready.set()
+
+    became_ready = asyncio.create_task(mark_serving())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     await stop.wait()
+    became_ready.cancel()
     log.info("stopping")
     for svc in [*services, ""]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)

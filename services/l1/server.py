@@ -286,7 +286,9 @@ async def serve(
 
     waiter = asyncio.create_task(signal_ready())
     try:
-        await serve_forever("l1", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=serving)
+        await serve_forever(
+            "l1", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=serving, gate=servicer.session.registered.wait
+        )
     finally:
         waiter.cancel()
         await servicer.stop()
