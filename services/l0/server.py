@@ -63,32 +63,13 @@ from nestmmu.core.l0 import ConfigError, HvGuestState, KvmNestedGuest, L0Config,
 from nestmmu.core.radix import WalkResult
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
-from nestmmu.wire import fill_flags
+from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB, fill_flags
 
 from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever
 
 log = structlog.get_logger("l0")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SCOPE_TO_PB = {
-    Scope.ADDRESS: common_pb2.INVALIDATION_SCOPE_ADDRESS,
-    Scope.LPID: common_pb2.INVALIDATION_SCOPE_LPID,
-    Scope.ALL: common_pb2.INVALIDATION_SCOPE_ALL,
-}
-_OUTCOME_TO_PB = {
-    Outcome.FILL: l0_pb2.ACCESS_OUTCOME_FILL,
-    Outcome.STORAGE_INTERRUPT: l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT,
-    Outcome.MMIO_EMULATED: l0_pb2.ACCESS_OUTCOME_MMIO_EMULATED,
-    Outcome.L1_EMULATED: l0_pb2.ACCESS_OUTCOME_L1_EMULATED,
-    Outcome.ERROR: l0_pb2.ACCESS_OUTCOME_ERROR,
-}
-_EXIT_FROM_PB = {
-    l0_pb2.EXIT_ACTION_REENTER: ExitAction.REENTER,
-    l0_pb2.EXIT_ACTION_INJECT_STORAGE_INTERRUPT: ExitAction.INJECT_STORAGE_INTERRUPT,
-    l0_pb2.EXIT_ACTION_EMULATED_MMIO: ExitAction.L1_EMULATED,
-    l0_pb2.EXIT_ACTION_FAILED: ExitAction.FAILED,
-}
-_ACCESS_TO_PB = {Access.LOAD: common_pb2.ACCESS_KIND_LOAD, Access.STORE: common_pb2.ACCESS_KIND_STORE, Access.IFETCH: common_pb2.ACCESS_KIND_IFETCH}
 RUN_TOKEN_TTL = 60.0
 MAX_BATCH = 65536
 
@@ -134,7 +115,7 @@ class RunStream:
         if self.res is None:
             self.res = l0_pb2.AccessResults(batch_id=self.batch_id, first_index=index)
         res = self.res
-        res.outcomes.append(_OUTCOME_TO_PB[r.outcome])
+        res.outcomes.append(OUTCOME_TO_PB[r.outcome])
         t = r.translation
         if t is not None:
             res.page_addresses.append(t.page)
@@ -161,7 +142,7 @@ class RunStream:
         msg = l0_pb2.InvalidationBroadcast()
         futs = []
         for inv_id, inv in items:
-            msg.invalidations.add(id=inv_id, lpid=inv.lpid, scope=_SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason)
+            msg.invalidations.add(id=inv_id, lpid=inv.lpid, scope=SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason)
             fut = self.acks[inv_id] = loop.create_future()
             futs.append(fut)
         self.out.put_nowait(l0_pb2.RunResponse(invalidate=msg))
@@ -284,11 +265,11 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         # request_id (bound by the run worker from the L2 batch) travels on in the L0Call.
         log.debug("exit_reflected", l1=eff.l1.name, l1_lpid=eff.l1_lpid, vcpu=eff.vcpu_id, trap=hex(ex.trap), hdsisr=hex(ex.hdsisr), n_gpa=hex(ex.asdr))
         call = l0_pb2.HandleExitCall(
-            l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=_ACCESS_TO_PB[ex.access]
+            l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=ACCESS_TO_PB[ex.access]
         )
         r = await self.call_l1(eff.l1, l0_pb2.L0Call(handle_exit=call))
         h = r.handle_exit
-        return ExitReply(_EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
+        return ExitReply(EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
 
     async def call_l1(self, vm: L1Vm, call: l0_pb2.L0Call) -> l0_pb2.L1Reply:
         s = self.by_name.get(vm.name)

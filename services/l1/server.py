@@ -9,7 +9,7 @@ answer UNAVAILABLE while L1 is not registered with it; see :mod:`.session` for t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -179,41 +179,36 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         log.info("vcpu_entered", lpid=request.lpid, vcpu_id=request.vcpu_id, hcall_rc=resp.hcall_rc, shadow_lpid=resp.shadow_lpid)
         return l1_pb2.AttachVcpuResponse(hcall_rc=resp.hcall_rc, run_token=resp.run_token, l0_address=self.advertise_l0, shadow_lpid=resp.shadow_lpid)
 
-    async def MapPages(self, request: l1_pb2.MapPagesRequest, context: Ctx) -> l1_pb2.MapPagesResponse:
+    async def _tree_op(self, context: Ctx, lpid: int, n_gpa: int, length: int, op: Callable[[L1Hypervisor], tuple[int, list[Hcall]]]) -> tuple[int, int]:
+        """One L2-tree change: validate, change the tree in L1 memory, then issue the
+        invalidation hcalls it needs, in order.  Returns (hcall rc, pages changed)."""
         core = await self._core(context)
-        g = await self._guest(context, core, request.lpid)
-        await self._check_range(context, g, request.n_gpa, request.length)
-        perms = perms_of(request.read, request.write, request.execute)
-        async with self.lock:
-            n, hcalls = core.map_pages(request.lpid, request.n_gpa, request.length, perms)
-        rc = await self._issue(context, hcalls)
+        g = await self._guest(context, core, lpid)
+        await self._check_range(context, g, n_gpa, length)
+        async with self.lock:  # the core call only; never held across an hcall
+            n, hcalls = op(core)
+        return await self._issue(context, hcalls), n
+
+    async def MapPages(self, request: l1_pb2.MapPagesRequest, context: Ctx) -> l1_pb2.MapPagesResponse:
+        r = request
+        perms = perms_of(r.read, r.write, r.execute)
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.map_pages(r.lpid, r.n_gpa, r.length, perms))
         return l1_pb2.MapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def UnmapPages(self, request: l1_pb2.UnmapPagesRequest, context: Ctx) -> l1_pb2.UnmapPagesResponse:
-        core = await self._core(context)
-        g = await self._guest(context, core, request.lpid)
-        await self._check_range(context, g, request.n_gpa, request.length)
-        async with self.lock:
-            n, hcalls = core.unmap_pages(request.lpid, request.n_gpa, request.length)
-        rc = await self._issue(context, hcalls)
+        r = request
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.unmap_pages(r.lpid, r.n_gpa, r.length))
         return l1_pb2.UnmapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def ProtectPages(self, request: l1_pb2.ProtectPagesRequest, context: Ctx) -> l1_pb2.ProtectPagesResponse:
-        core = await self._core(context)
-        g = await self._guest(context, core, request.lpid)
-        await self._check_range(context, g, request.n_gpa, request.length)
-        async with self.lock:
-            n, hcalls = core.protect_pages(request.lpid, request.n_gpa, request.length, perms_of(request.read, request.write, request.execute))
-        rc = await self._issue(context, hcalls)
+        r = request
+        perms = perms_of(r.read, r.write, r.execute)
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.protect_pages(r.lpid, r.n_gpa, r.length, perms))
         return l1_pb2.ProtectPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def RemapPages(self, request: l1_pb2.RemapPagesRequest, context: Ctx) -> l1_pb2.RemapPagesResponse:
-        core = await self._core(context)
-        g = await self._guest(context, core, request.lpid)
-        await self._check_range(context, g, request.n_gpa, request.length)
-        async with self.lock:
-            n, hcalls = core.remap_pages(request.lpid, request.n_gpa, request.length)
-        rc = await self._issue(context, hcalls)
+        r = request
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.remap_pages(r.lpid, r.n_gpa, r.length))
         return l1_pb2.RemapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def DestroyGuest(self, request: l1_pb2.DestroyGuestRequest, context: Ctx) -> l1_pb2.DestroyGuestResponse:

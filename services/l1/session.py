@@ -29,11 +29,12 @@ import grpc
 import structlog
 
 from nestmmu.core import formats as f
-from nestmmu.core.effects import ExitAction, NestedExit
+from nestmmu.core.effects import NestedExit
 from nestmmu.core.formats import Access
 from nestmmu.core.l1 import Hcall, L1Hypervisor, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
 from nestmmu.core.radix import WalkResult
 from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
+from nestmmu.wire import EXIT_TO_PB
 
 from ..common import REQUEST_ID_KEY, RPC_DEADLINE, new_request_id, request_id_var
 
@@ -43,12 +44,6 @@ log = structlog.get_logger("l1.session")
 BACKOFF_START = 0.1
 BACKOFF_MAX = 2.0
 
-_EXIT_ACTIONS = {
-    ExitAction.REENTER: l0_pb2.EXIT_ACTION_REENTER,
-    ExitAction.INJECT_STORAGE_INTERRUPT: l0_pb2.EXIT_ACTION_INJECT_STORAGE_INTERRUPT,
-    ExitAction.L1_EMULATED: l0_pb2.EXIT_ACTION_EMULATED_MMIO,
-    ExitAction.FAILED: l0_pb2.EXIT_ACTION_FAILED,
-}
 
 
 class L0Unavailable(Exception):
@@ -297,7 +292,7 @@ class L0Session:
             stream.send(
                 l0_pb2.L1Reply(
                     call_id=c.call_id,
-                    handle_exit=l0_pb2.HandleExitReply(action=_EXIT_ACTIONS[reply.action], dsisr=reply.dsisr, detail=reply.detail),
+                    handle_exit=l0_pb2.HandleExitReply(action=EXIT_TO_PB[reply.action], dsisr=reply.dsisr, detail=reply.detail),
                 )
             )
         except asyncio.CancelledError:

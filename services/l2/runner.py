@@ -30,8 +30,8 @@ from nestmmu.core import formats as f
 from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Translation
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
-from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
-from nestmmu.wire import pte_from_flags
+from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
+from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
 
@@ -44,11 +44,6 @@ BATCH_PROGRESS_TIMEOUT = 30.0
 #: cancelling it (either way L0 sees the vCPU go and counts it as flushed).
 DETACH_TIMEOUT = 0.25
 
-_SCOPES = {
-    common_pb2.INVALIDATION_SCOPE_ADDRESS: Scope.ADDRESS,
-    common_pb2.INVALIDATION_SCOPE_LPID: Scope.LPID,
-    common_pb2.INVALIDATION_SCOPE_ALL: Scope.ALL,
-}
 _FILL = l0_pb2.ACCESS_OUTCOME_FILL
 _SI = l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT
 _OTHER_OUTCOMES = {
@@ -230,7 +225,7 @@ class RunStream:
     def _apply_invalidations(self, b: l0_pb2.InvalidationBroadcast) -> None:
         ids = []
         for inv in b.invalidations:
-            scope = _SCOPES.get(inv.scope, Scope.LPID)  # unspecified: drop the whole LPID (safe)
+            scope = SCOPE_FROM_PB.get(inv.scope, Scope.LPID)  # unspecified: drop the whole LPID (safe)
             self.vcpu.invalidate(Invalidation(inv.lpid, scope, inv.address, inv.size_bytes, inv.reason))
             ids.append(inv.id)
         if self.closing:
