@@ -10,6 +10,7 @@ Start here:
     nestmmu workload --l1 127.0.0.1:50052 --l2 127.0.0.1:50053 --l0 127.0.0.1:50051
     nestmmu audit --l0 127.0.0.1:50051                              # I1-I7 across running services
     nestmmu bench                                                   # figures and ratios to baselines
+    nestmmu trace --out t.txt -- ls /   &&   nestmmu demo --trace t.txt   # a real program's accesses
 
 L2 addresses are L2 *real* addresses (partition scope); L2 process tables are not modelled.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -80,7 +82,15 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
 
     churned: dict[str, int] = {}
     reports = await cluster.run_default_workload(
-        l1s, l2, accesses=args.accesses, seed=args.seed, pattern=args.pattern, l0=l0, with_churn=not args.no_churn, churn_counts=churned
+        l1s,
+        l2,
+        accesses=args.accesses,
+        seed=args.seed,
+        pattern=args.pattern,
+        l0=l0,
+        with_churn=not args.no_churn,
+        churn_counts=churned,
+        trace_path=os.path.abspath(args.trace) if args.trace else "",
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -133,6 +143,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Record a real program's memory trace with valgrind's lackey tool."""
+    import shutil
+    import subprocess
+
+    from nestmmu.core.workload import read_lackey
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("nestmmu trace: give the program to trace after --, e.g. nestmmu trace -- ls /", file=sys.stderr)
+        return 2
+    if shutil.which("valgrind") is None:
+        print("nestmmu trace: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    r = subprocess.run(["valgrind", "--tool=lackey", "--trace-mem=yes", f"--log-file={args.out}", *cmd], stdout=subprocess.DEVNULL, check=False)
+    kinds = {1: 0, 2: 0, 3: 0}
+    pages = set()
+    for addr, kind in read_lackey(args.out):
+        kinds[int(kind)] += 1
+        pages.add(addr >> 12)
+    if sum(kinds.values()) == 0:
+        print(f"nestmmu trace: no accesses recorded in {args.out} (program exit {r.returncode})", file=sys.stderr)
+        return 1
+    summary = {"trace": args.out, "program_exit": r.returncode, "loads": kinds[1], "stores": kinds[2], "ifetches": kinds[3], "distinct_4k_pages": len(pages)}
+    _print(summary, args.json)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nestmmu import bench
 
@@ -166,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
         q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
+        q.add_argument("--trace", help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path")
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")
     w.add_argument("--l1", action="append", required=True, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")
@@ -187,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--l0", required=True)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_stats)
+
+    t = sub.add_parser("trace", help="record a real program's memory trace (valgrind lackey) to replay with --trace")
+    t.add_argument("--out", default="nestmmu-trace.txt", help="trace file to write (default nestmmu-trace.txt)")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("cmd", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+    t.set_defaults(fn=cmd_trace)
 
     b = sub.add_parser("bench", help="hot-path and cluster figures, each with its ratio to a baseline measured in the same run")
     b.add_argument("--json", action="store_true")

@@ -209,6 +209,7 @@ async def run_default_workload(
     l0: str | None = None,
     with_churn: bool = False,
     churn_counts: dict[str, int] | None = None,
+    trace_path: str = "",
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
@@ -239,7 +240,8 @@ async def run_default_workload(
                         vcpus=g.vcpus,
                         page_shift=g.page_shift,
                         workload=l2_pb2.Workload(
-                            pattern=pattern,
+                            pattern="trace" if trace_path else pattern,
+                            trace_path=trace_path,
                             accesses=accesses,
                             seed=seed + i,
                             footprint_bytes=min(footprint, g.memory),

@@ -7,6 +7,9 @@ invalidations, nothing about the transport may change what a vCPU observes.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -50,6 +53,7 @@ async def over_the_cluster(lc: cluster.LocalCluster, spec: WorkloadSpec) -> dict
         store_fraction=spec.store_fraction,
         ifetch_fraction=spec.ifetch_fraction,
         batch_size=spec.batch_size,
+        trace_path=spec.trace_path,
     )
     async with grpc.aio.insecure_channel(lc.l2) as ch:
         r = await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=lc.l1s["l1a"], lpid=lpid, vcpus=1, workload=wl), timeout=300)
@@ -62,6 +66,20 @@ def test_seeded_run_same_in_process_and_across_the_cluster(seed: int) -> None:
     spec = WorkloadSpec(pattern="hot", accesses=20_000, seed=seed, footprint=40 * MB, store_fraction=0.3, ifetch_fraction=0.05, batch_size=1024)
     expected = in_process(spec)
     assert expected["fills"] > 100 and expected["storage_interrupts"] > 0 and expected["mmio_emulated"] > 0  # the run exercises every path
+    with cluster.local_cluster(("l1a",)) as lc:
+        got = asyncio.run(over_the_cluster(lc, spec))
+    assert got == expected
+
+
+def test_real_program_trace_same_in_process_and_across_the_cluster(tmp_path: Path) -> None:
+    """A workload no one here wrote: valgrind lackey's memory trace of /bin/true."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    trace = tmp_path / "true.lackey"
+    subprocess.run(["valgrind", "--tool=lackey", "--trace-mem=yes", f"--log-file={trace}", "/bin/true"], check=True, capture_output=True)
+    spec = WorkloadSpec(pattern="trace", trace_path=str(trace), accesses=30_000, footprint=40 * MB, batch_size=1024)
+    expected = in_process(spec)
+    assert expected["accesses"] == 30_000 and expected["fills"] > 10
     with cluster.local_cluster(("l1a",)) as lc:
         got = asyncio.run(over_the_cluster(lc, spec))
     assert got == expected
