@@ -165,3 +165,45 @@ async def serve_forever(
         await on_stop()
     await server.stop(grace=3.0)
     log.info("stopped")
+
+
+_GAUGE_SUFFIXES = ("l1_sessions", "run_streams", "lpids_in_use", "_p50", "_p99")
+
+
+def start_metrics(port: int, service: str, counters: Callable[[], dict[str, int]], host: str = "0.0.0.0") -> int:
+    """Serve Prometheus metrics for one service (prometheus-client, its own HTTP thread).
+
+    Every counter of the service becomes ``nestmmu_<service>_events_total{event="..."}`` (the
+    event names are a fixed, small set: no addresses or ids in labels); current-state values
+    (sessions, streams, LPIDs, latency percentiles) are gauges ``nestmmu_<service>_<name>``.
+    Returns the bound port.
+    """
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class _Collector(Collector):
+        def collect(self) -> Any:
+            for _ in range(3):  # the asyncio thread may be updating the dict: retry a copy
+                try:
+                    snapshot = dict(counters())
+                    break
+                except RuntimeError:
+                    continue
+            else:  # pragma: no cover
+                return
+            events = CounterMetricFamily(f"nestmmu_{service}_events", f"nestmmu {service} event counters", labels=["event"])
+            for key, value in sorted(snapshot.items()):
+                name = key.split(".", 1)[-1]
+                if name.endswith(_GAUGE_SUFFIXES):
+                    metric = name.replace(".", "_")
+                    unit_fixed = metric.replace("_us_", "_seconds_") if "_us_" in metric else metric
+                    scale = 1e-6 if "_us_" in metric else 1.0
+                    yield GaugeMetricFamily(f"nestmmu_{service}_{unit_fixed}", f"nestmmu {service} {name}", value=value * scale)
+                else:
+                    events.add_metric([key], value)
+            yield events
+
+    REGISTRY.register(_Collector())
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)

@@ -65,7 +65,7 @@ from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB, fill_flags
 
-from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever
+from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever, start_metrics
 
 log = structlog.get_logger("l0")
 
@@ -748,8 +748,18 @@ def create_servicer(page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIM
     return L0Servicer(L0Hypervisor(L0Config(page_shift=page_shift)), ack_timeout=ack_timeout)
 
 
-async def serve(port: int, host: str = "0.0.0.0", page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    port: int,
+    host: str = "0.0.0.0",
+    page_shift: int = 16,
+    ack_timeout: float = BROADCAST_ACK_TIMEOUT,
+    ready: asyncio.Event | None = None,
+    metrics_port: int = 0,
+) -> None:
     servicer = create_servicer(page_shift, ack_timeout)
+    if metrics_port:
+        bound = start_metrics(metrics_port, "l0", servicer.counters, host)
+        log.info("metrics", port=bound, path="/metrics")
 
     def register(server: grpc.aio.Server) -> list[str]:
         l0_pb2_grpc.add_L0ServiceServicer_to_server(servicer, server)

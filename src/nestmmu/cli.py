@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.level == "l0":
         from nestmmu.services.l0.server import serve as serve_l0
 
-        asyncio.run(serve_l0(args.port or 50051, host=args.host, page_shift=args.page_shift, ack_timeout=args.ack_timeout))
+        asyncio.run(serve_l0(args.port or 50051, host=args.host, page_shift=args.page_shift, ack_timeout=args.ack_timeout, metrics_port=args.metrics_port))
     elif args.level == "l1":
         if not args.name or not args.l0:
             print("nestmmu serve l1: --name and --l0 are required", file=sys.stderr)
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tlb-invalidate", action="store_true", help="l1: flush with H_TLB_INVALIDATE instead of H_RPT_INVALIDATE")
     s.add_argument("--page-shift", type=int, default=16, choices=[12, 16], help="l0: base page shift (16 = 64K, POWER9 Linux default)")
     s.add_argument("--ack-timeout", type=float, default=2.0, help="l0: seconds a vCPU has to acknowledge a tlbie before it is disconnected")
+    s.add_argument("--metrics-port", type=int, default=0, help="l0: serve Prometheus metrics on this port (/metrics); 0 = off")
     s.add_argument("--vcpus", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-json", action="store_true", help="JSON logs even on a TTY (always JSON otherwise)")
