@@ -593,3 +593,14 @@ def test_copy_to_guest_page_without_c_is_not_found(rig: GuestRig) -> None:
     fault_in(rig, 4 * PAGE, Access.LOAD)
     assert copy(rig, 4 * PAGE, 0, SCRATCH, 8) == H.NOT_FOUND
     assert copy(rig, 4 * PAGE, SCRATCH, 0, 8) == H.SUCCESS
+
+
+def test_failed_copy_from_guest_leaves_l1_buffer_untouched(rig: GuestRig) -> None:
+    """kvmhv_copy_tofrom_guest_nested copies L2 into a buffer and writes L1 only on success:
+    a copy whose second page is not faulted in must not have written its first page's bytes."""
+    fault_in(rig, 1 * PAGE, Access.STORE)
+    backing = rig.l1.guests[rig.lpid].backing
+    rig.l1.write_memory(backing[1] + PAGE - 8, b"AAAAAAAA")
+    rig.l1.write_memory(SCRATCH, b"untouch!")
+    assert copy(rig, 2 * PAGE - 8, SCRATCH, 0, 16) == H.NOT_FOUND
+    assert rig.l1.read_memory(SCRATCH, 8) == b"untouch!"

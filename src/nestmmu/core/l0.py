@@ -451,29 +451,40 @@ class L0Hypervisor:
             return H.PARAMETER
         yield AcquireTlbLock(gp)
         rc: int = H.SUCCESS
+        # As kvmhv_copy_tofrom_guest_nested: a load copies all of L2 into a buffer and writes
+        # L1's buffer only if that fully succeeded; a store reads all of L1's buffer first.
+        buf = b""
+        if not is_load:
+            got = yield ReadL1Memory(vm, from_gpa, n)
+            if got is None:
+                rc = H.NOT_FOUND
+            buf = got or b""
         done = 0
-        while done < n:
+        parts: list[bytes] = []
+        while rc == H.SUCCESS and done < n:
             ea = eaddr + done
             slot, dsisr, _ = self.hw_translate(gp, ea, Access.LOAD if is_load else Access.STORE)
-            if slot is None or dsisr:
-                rc = H.NOT_FOUND
+            owner = None if slot is None or dsisr else self.host_owner_of((slot.pte & f.PTE_RPN_MASK) + (ea & ((1 << slot.shift) - 1)))
+            if slot is None or owner is None or owner[0] != vm.name:
+                rc = H.NOT_FOUND  # short quadrant copy (faults are disabled)
                 break
-            owner = self.host_owner_of((slot.pte & f.PTE_RPN_MASK) + (ea & ((1 << slot.shift) - 1)))
-            if owner is None or owner[0] != vm.name:
-                rc = H.NOT_FOUND
-                break
-            l2_in_l1 = owner[1]
             chunk = min(n - done, (1 << slot.shift) - (ea & ((1 << slot.shift) - 1)))
-            src, dst = (l2_in_l1, to_gpa + done) if is_load else (from_gpa + done, l2_in_l1)
-            data = yield ReadL1Memory(vm, src, chunk)
-            if data is None:
-                rc = H.NOT_FOUND
-                break
-            ok = yield WriteL1Memory(vm, dst, data)
+            if is_load:
+                data = yield ReadL1Memory(vm, owner[1], chunk)
+                if data is None:
+                    rc = H.NOT_FOUND
+                    break
+                parts.append(data)
+            else:
+                ok = yield WriteL1Memory(vm, owner[1], buf[done : done + chunk])
+                if not ok:
+                    rc = H.NOT_FOUND
+                    break
+            done += chunk
+        if is_load and rc == H.SUCCESS and n:
+            ok = yield WriteL1Memory(vm, to_gpa, b"".join(parts))
             if not ok:
                 rc = H.NOT_FOUND
-                break
-            done += chunk
         yield ReleaseTlbLock(gp)
         self.kvmhv_put_nested(gp)
         return rc
@@ -1133,7 +1144,7 @@ class L0Hypervisor:
     def kvmhv_emulate_tlbie_all_lpid(self, vm: L1Vm, ric: int) -> Op[None]:
         """IS=3: every nested guest of this L1, each held by a reference (the §9.8 fix)."""
         self.stats["inval.all"] += 1
-        for gp in list(vm.nested.values()):
+        for _, gp in sorted(vm.nested.items()):  # the IDR walks in ascending lpid
             gp.refcnt += 1
             yield AcquireTlbLock(gp)
             yield from self._tlbie_lpid_locked(gp, ric)
