@@ -128,7 +128,6 @@ class L1Vm:
         self.pgtable = pgtable  # kvm->arch.pgtable: L1 real -> host real
         self.l1_ptcr = 0
         self.nested: dict[int, KvmNestedGuest] = {}  # kvm_nested_guest_idr
-        self.reserved: set[int] = set()  # idr slots reserved by a creator
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.backing: dict[int, tuple[int, int]] = {}  # host chunk gpa -> (hpa, shift)
@@ -538,8 +537,8 @@ class L0Hypervisor:
         if newgp is None:
             return None
         # __prealloc_nested: the IDR slot must be free; a concurrent creator that got there
-        # first (even one that has only reserved it) makes us fail (§9.15).
-        if l1_lpid in vm.nested or l1_lpid in vm.reserved or vm.released:
+        # first makes us fail (§9.15).
+        if l1_lpid in vm.nested or vm.released:
             self.kvmhv_release_nested(newgp)
             self.stats["nested_create_lost_race"] += 1
             return None
@@ -901,9 +900,7 @@ class L0Hypervisor:
         if ret == EAGAIN:
             return EAGAIN
         self.stats["l0_instantiate"] += 1
-        slot = vm.pgtable.lookup_leaf(gpa)
-        assert slot is not None
-        return slot.pte, level
+        return pte, level  # the PTE built here (*inserted_pte), as the kernel hands back
 
     # ================================================================ create / unmap PTEs
     def mmu_invalidate_retry(self, vm: L1Vm, mmu_seq: int) -> bool:
