@@ -62,6 +62,7 @@ from nestmmu.core.formats import Access
 from nestmmu.core.l0 import ConfigError, HvGuestState, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
 from nestmmu.core.radix import WalkResult
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
+from nestmmu.limits import MAX_BATCH, MAX_MEMSLOTS, RUN_WORKER_SLICE_S
 from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB, fill_flags
 
@@ -71,7 +72,6 @@ log = structlog.get_logger("l0")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RUN_TOKEN_TTL = 60.0
-MAX_BATCH = 65536
 
 
 class L1Gone(Exception):
@@ -353,6 +353,8 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             await abort_invalid(context, "register.name", "must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit")
         if reg.name in self.by_name:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"an L1 named {reg.name!r} is already connected")
+        if len(reg.memslots) > MAX_MEMSLOTS:
+            await abort_invalid(context, "register.memslots", f"{len(reg.memslots)} memslots; at most {MAX_MEMSLOTS} (MAX_MEMSLOTS)")
         slots: list[Memslot] = []
         for i, m in enumerate(reg.memslots):
             if m.kind == common_pb2.MEMSLOT_KIND_MMIO_HOLE:
@@ -550,7 +552,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         if len(b.kinds) != n:
             return f"invalid:batch.kinds:has {len(b.kinds)} bytes for {n} addresses"
         if n > MAX_BATCH:
-            return f"invalid:batch.addresses:at most {MAX_BATCH} accesses per batch"
+            return f"invalid:batch.addresses:{n} accesses; at most {MAX_BATCH} (MAX_BATCH) per batch"
         if any(k not in (1, 2, 3) for k in b.kinds):
             return "invalid:batch.kinds:each kind must be 1 (load), 2 (store) or 3 (ifetch)"
         if n and max(b.addresses) >= 1 << 52:
@@ -575,7 +577,12 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
                 gp = st.gp
                 vcpu_id = st.vcpu_id
                 n = 0
+                slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
                 for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
+                    if time.perf_counter() > slice_end:
+                        # Shadow hits never suspend: give acks, other vCPUs and RPCs a turn.
+                        await asyncio.sleep(0)
+                        slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
                     if not st.alive:
                         break
                     if gp.freed:

@@ -18,10 +18,12 @@ import structlog
 from nestmmu.core import formats as f
 from nestmmu.core.l0 import ConfigError
 from nestmmu.core.l1 import GUEST_PAGE_SHIFTS, PERM_RWX, GuestRegion, Hcall, L1Hypervisor, L2Guest, default_memslots
+from nestmmu.limits import MAX_GUEST_REGIONS, MAX_TREE_OP_PAGES
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
 from .session import L0Session, L0Unavailable, walk_to_proto
+from .treeops import GuestGone, MakeChunks, RangeReservations, run_tree_op
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -85,6 +87,8 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         self.l0_address = l0_address
         self.advertise_l0 = advertise_l0 or l0_address
         self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate)
+        self.reservations = RangeReservations()
+        self._tree_ops: set[asyncio.Task[tuple[int, int]]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -135,6 +139,13 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
             await abort_invalid(context, "n_gpa", f"{n_gpa:#x} is outside the guest's {g.memory:#x} bytes")
         if n_gpa + length > g.memory:
             await abort_invalid(context, "length", f"{n_gpa:#x}+{length:#x} ends beyond the guest's {g.memory:#x} bytes")
+        pages = ((n_gpa + length - 1) >> g.page_shift) - (n_gpa >> g.page_shift) + 1
+        if pages > MAX_TREE_OP_PAGES:
+            await abort_invalid(
+                context,
+                "length",
+                f"{length:#x} bytes at {n_gpa:#x} is {pages} pages of {g.page_size:#x}; at most {MAX_TREE_OP_PAGES} (MAX_TREE_OP_PAGES) per call",
+            )
 
     # ------------------------------------------------------------------ guests
     async def CreateGuest(self, request: l1_pb2.CreateGuestRequest, context: Ctx) -> l1_pb2.CreateGuestResponse:
@@ -145,6 +156,8 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         page = 1 << page_shift
         if request.memory_bytes == 0 or request.memory_bytes % page:
             await abort_invalid(context, "memory_bytes", f"must be a positive multiple of the page size {page:#x}")
+        if len(request.regions) > MAX_GUEST_REGIONS:
+            await abort_invalid(context, "regions", f"{len(request.regions)} regions; at most {MAX_GUEST_REGIONS} (MAX_GUEST_REGIONS)")
         regions: list[GuestRegion] = []
         for i, r in enumerate(request.regions):
             kind = _KIND_TO_CORE.get(r.kind)
@@ -179,36 +192,47 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         log.info("vcpu_entered", lpid=request.lpid, vcpu_id=request.vcpu_id, hcall_rc=resp.hcall_rc, shadow_lpid=resp.shadow_lpid)
         return l1_pb2.AttachVcpuResponse(hcall_rc=resp.hcall_rc, run_token=resp.run_token, l0_address=self.advertise_l0, shadow_lpid=resp.shadow_lpid)
 
-    async def _tree_op(self, context: Ctx, lpid: int, n_gpa: int, length: int, op: Callable[[L1Hypervisor], tuple[int, list[Hcall]]]) -> tuple[int, int]:
-        """One L2-tree change: validate, change the tree in L1 memory, then issue the
-        invalidation hcalls it needs, in order.  Returns (hcall rc, pages changed)."""
+    async def _tree_op(self, context: Ctx, lpid: int, n_gpa: int, length: int, make: MakeChunks) -> tuple[int, int]:
+        """One L2-tree change: validate (limits included), then change the tree in L1 memory
+        and issue the invalidation hcalls it needs, slice by slice (see :mod:`.treeops`).
+        Returns (first non-zero hcall rc, pages changed)."""
         core = await self._core(context)
         g = await self._guest(context, core, lpid)
         await self._check_range(context, g, n_gpa, length)
-        async with self.lock:  # the core call only; never held across an hcall
-            n, hcalls = op(core)
-        return await self._issue(context, hcalls), n
+        first, last = n_gpa >> g.page_shift, (n_gpa + length - 1) >> g.page_shift
+        task = asyncio.create_task(run_tree_op(core, self.lock, self.reservations, self.session.hcall, lpid, first, last, make))
+        self._tree_ops.add(task)  # runs to the end even if this RPC is cancelled
+        task.add_done_callback(_forget_tree_op(self._tree_ops))
+        try:
+            return await asyncio.shield(task)
+        except L0Unavailable as e:
+            await self._unavailable(context, e)
+        except GuestGone:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"L1 {self.name!r} has no L2 guest with lpid {lpid}")
+        except ConfigError as e:
+            await abort_invalid(context, "length", str(e))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def MapPages(self, request: l1_pb2.MapPagesRequest, context: Ctx) -> l1_pb2.MapPagesResponse:
         r = request
         perms = perms_of(r.read, r.write, r.execute)
-        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.map_pages(r.lpid, r.n_gpa, r.length, perms))
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core, k: core.map_pages_chunks(r.lpid, r.n_gpa, r.length, perms, k))
         return l1_pb2.MapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def UnmapPages(self, request: l1_pb2.UnmapPagesRequest, context: Ctx) -> l1_pb2.UnmapPagesResponse:
         r = request
-        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.unmap_pages(r.lpid, r.n_gpa, r.length))
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core, k: core.unmap_pages_chunks(r.lpid, r.n_gpa, r.length, k))
         return l1_pb2.UnmapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def ProtectPages(self, request: l1_pb2.ProtectPagesRequest, context: Ctx) -> l1_pb2.ProtectPagesResponse:
         r = request
         perms = perms_of(r.read, r.write, r.execute)
-        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.protect_pages(r.lpid, r.n_gpa, r.length, perms))
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core, k: core.protect_pages_chunks(r.lpid, r.n_gpa, r.length, perms, k))
         return l1_pb2.ProtectPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def RemapPages(self, request: l1_pb2.RemapPagesRequest, context: Ctx) -> l1_pb2.RemapPagesResponse:
         r = request
-        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core: core.remap_pages(r.lpid, r.n_gpa, r.length))
+        rc, n = await self._tree_op(context, r.lpid, r.n_gpa, r.length, lambda core, k: core.remap_pages_chunks(r.lpid, r.n_gpa, r.length, k))
         return l1_pb2.RemapPagesResponse(hcall_rc=rc, pages_changed=n)
 
     async def DestroyGuest(self, request: l1_pb2.DestroyGuestRequest, context: Ctx) -> l1_pb2.DestroyGuestResponse:
@@ -247,6 +271,15 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
             values["guests"] = len(core.guests)
             values["exits_handled"] = core.exits_handled
         return l1_pb2.GetStatsResponse(counters=common_pb2.Counters(values=values))
+
+
+def _forget_tree_op(ops: set[asyncio.Task[tuple[int, int]]]) -> Callable[[asyncio.Task[tuple[int, int]]], None]:
+    def done(t: asyncio.Task[tuple[int, int]]) -> None:
+        ops.discard(t)
+        if not t.cancelled():
+            t.exception()  # retrieved: a caller that went away has no one to tell
+
+    return done
 
 
 def add_to_server(server: grpc.aio.Server, servicer: L1Servicer) -> Iterable[str]:

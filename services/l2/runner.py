@@ -5,12 +5,20 @@ The vCPU itself (TLB, hit scan, batching rounds, counters) is the core
 
 Ordering (architecture.md, "Fill vs. broadcast on a run stream"): L0 interleaves a batch's
 results with LPID-tagged invalidations in the order they happened under the guest's
-tlb_lock. One reader task is the only consumer of the stream and applies every message in
+tlb_lock. One reader is the only consumer of the stream and applies every message in
 arrival order: results to the TLB, invalidations to the TLB followed at once by the ack
 (tlbsync) -- also while the vCPU is waiting for the rest of a batch. The workload loop only
 scans for hits (no awaits per access), sends a batch when there are misses and waits for
-``batch_done``; it yields to the reader between workload batches so acks are never held up by
-a long stretch of TLB hits. All writes go through one queue, so they never interleave.
+``batch_done``. All writes go through one queue, so they never interleave.
+
+Acks never wait for the workload (hardware handles a tlbie without the CPU's help): the Run
+stream is a synchronous gRPC call whose reader is a thread of its own, and whose writes are
+taken from a thread-safe queue by gRPC's own thread, so neither depends on the event loop that
+runs the workloads (and parses traces) of every vCPU in this process.  The TLB and counters are
+guarded by ``RunStream.lock``: the reader holds it to apply one message, the workload loop to
+scan one batch (at most MAX_BATCH accesses, about a millisecond per thousand).  The ack bound:
+an invalidation is acknowledged within one batch scan plus a few GIL hand-offs (the L2 process
+sets the switch interval to ``GIL_SWITCH_INTERVAL_S``) after it arrives, however busy the vCPUs.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -43,6 +53,9 @@ BATCH_PROGRESS_TIMEOUT = 30.0
 #: How long a detaching vCPU waits for L0 to end the Run stream after half-closing it before
 #: cancelling it (either way L0 sees the vCPU go and counts it as flushed).
 DETACH_TIMEOUT = 0.25
+#: The L2 process's GIL switch interval: how long the workload thread may hold the interpreter
+#: while a Run-stream thread waits to apply a tlbie and ack it.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 _FILL = l0_pb2.ACCESS_OUTCOME_FILL
 _SI = l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT
@@ -68,11 +81,13 @@ class LiveVcpu:
     vcpu_id: int
     l1_lpid: int
     vcpu: Vcpu
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-async def _drain(q: asyncio.Queue[l0_pb2.RunRequest | None]) -> AsyncIterator[l0_pb2.RunRequest]:
+def _drain(q: queue.Queue[l0_pb2.RunRequest | None]) -> Iterator[l0_pb2.RunRequest]:
+    """The Run stream's requests, consumed by gRPC's own thread; None half-closes."""
     while True:
-        item = await q.get()
+        item = q.get()
         if item is None:
             return
         yield item
@@ -87,13 +102,17 @@ class RunStream:
         self.l0_address = l0_address
         self.run_token = run_token
         self.vcpu = Vcpu(vcpu_id)
-        self.out: asyncio.Queue[l0_pb2.RunRequest | None] = asyncio.Queue()
+        #: The TLB and counters: held by the reader thread per message, by the workload per scan.
+        self.lock = threading.Lock()
+        self.out: queue.Queue[l0_pb2.RunRequest | None] = queue.Queue()
         self.failure: str | None = None
         self.closing = False
         self._batch_id = 0
         self._expected = 0
         self._received = 0
         self._done = asyncio.Event()
+        self._batch_open = False  # the reader's view: results of the current batch may come
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._progress = time.monotonic()
         self._log = log.bind(vcpu_id=vcpu_id, l1_lpid=l1_lpid)
 
@@ -103,47 +122,50 @@ class RunStream:
 
     # ------------------------------------------------------------------ workload side
     async def run(self, spec: WorkloadSpec, vcpu_index: int) -> None:
-        async with grpc.aio.insecure_channel(self.l0_address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-            stub = l0_pb2_grpc.L0ServiceStub(channel)
-            self.out.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=self.run_token)))
-            call = stub.Run(_drain(self.out), metadata=metadata_with_request_id())  # long-lived: no deadline
-            reader: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        channel = grpc.insecure_channel(self.l0_address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        stub = l0_pb2_grpc.L0ServiceStub(channel)
+        self.out.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=self.run_token)))
+        call = stub.Run(_drain(self.out), metadata=metadata_with_request_id())  # long-lived: no deadline
+        reader: threading.Thread | None = None
+        try:
             try:
-                try:
-                    first = await asyncio.wait_for(call.read(), RPC_DEADLINE)
-                except grpc.aio.AioRpcError as e:
-                    raise VcpuFailed(f"Run attach to L0 at {self.l0_address} failed: {e.code().name}: {e.details()}") from e
-                except TimeoutError as e:
-                    raise VcpuFailed(f"L0 at {self.l0_address} did not answer RunAttach within {RPC_DEADLINE}s") from e
-                if not isinstance(first, l0_pb2.RunResponse) or first.WhichOneof("message") != "attached":
-                    raise VcpuFailed(f"L0 answered RunAttach with {first!r}")
-                self.vcpu.lpid = first.attached.shadow_lpid
-                self._log = self._log.bind(shadow_lpid=self.vcpu.lpid)
-                self._log.info("vcpu_attached", l0=self.l0_address)
-                reader = asyncio.create_task(self._reader(call))
-                vcpu = self.vcpu
-                for addrs, kinds in generate(spec, vcpu_index):
+                first = await asyncio.wait_for(asyncio.to_thread(next, call, None), RPC_DEADLINE)
+            except grpc.RpcError as e:
+                raise VcpuFailed(f"Run attach to L0 at {self.l0_address} failed: {e.code().name}: {e.details()}") from e
+            except TimeoutError as e:
+                raise VcpuFailed(f"L0 at {self.l0_address} did not answer RunAttach within {RPC_DEADLINE}s") from e
+            if not isinstance(first, l0_pb2.RunResponse) or first.WhichOneof("message") != "attached":
+                raise VcpuFailed(f"L0 answered RunAttach with {first!r}")
+            self.vcpu.lpid = first.attached.shadow_lpid
+            self._log = self._log.bind(shadow_lpid=self.vcpu.lpid)
+            self._log.info("vcpu_attached", l0=self.l0_address)
+            reader = threading.Thread(target=self._reader, args=(call,), name=f"run-{self.l1_lpid}-{self.vcpu_id}", daemon=True)
+            reader.start()
+            vcpu = self.vcpu
+            lock = self.lock
+            for addrs, kinds in generate(spec, vcpu_index):
+                with lock:
                     send = vcpu.run_hits(addrs, kinds)
-                    while send:
-                        await self._round(send)
+                while send:
+                    await self._round(send)
+                    with lock:
                         send = vcpu.next_round()
-                    await asyncio.sleep(0)  # let the reader apply and ack pending tlbies
-                    if self.failure is not None:
-                        raise VcpuFailed(self.failure)
-                # Detach: half-close, let L0 end the stream; acks are no longer possible.
-                self.closing = True
-                self.out.put_nowait(None)
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(reader), DETACH_TIMEOUT)
-                self._log.info("vcpu_detached", **{k: v for k, v in self.stats.items() if k in ("accesses", "tlb_hits", "fills")})
-            finally:
-                self.closing = True
-                self.out.put_nowait(None)
-                if reader is not None:
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await reader
-                call.cancel()
+                await asyncio.sleep(0)  # other vCPUs and RPCs of this process (acks do not wait for this)
+                if self.failure is not None:
+                    raise VcpuFailed(self.failure)
+            # Detach: half-close, let L0 end the stream; acks are no longer possible.
+            self.closing = True
+            self.out.put_nowait(None)
+            await asyncio.to_thread(reader.join, DETACH_TIMEOUT)
+            self._log.info("vcpu_detached", **{k: v for k, v in self.stats.items() if k in ("accesses", "tlb_hits", "fills")})
+        finally:
+            self.closing = True
+            self.out.put_nowait(None)  # also ends gRPC's request thread
+            call.cancel()
+            if reader is not None:
+                await asyncio.to_thread(reader.join)
+            channel.close()
 
     async def _round(self, send: list[tuple[int, int]]) -> None:
         """Send one AccessBatch and wait until its results (and any tlbies) were applied."""
@@ -154,7 +176,9 @@ class RunStream:
         batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=[a for a, _ in send], kinds=bytes(k for _, k in send))
         if _HAS_BATCH_REQUEST_ID:
             batch.request_id = rid  # type: ignore[attr-defined,unused-ignore]
-        self._expected, self._received = len(send), 0
+        with self.lock:
+            self._expected, self._received = len(send), 0
+            self._batch_open = True
         self._done.clear()
         self._progress = time.monotonic()
         self.stats["batches_sent"] += 1
@@ -171,33 +195,40 @@ class RunStream:
             raise VcpuFailed(self.failure)
 
     # ------------------------------------------------------------------ reader side
-    async def _reader(self, call: grpc.aio.StreamStreamCall[l0_pb2.RunRequest, l0_pb2.RunResponse]) -> None:
+    def _reader(self, call: Iterator[l0_pb2.RunResponse]) -> None:
+        """The stream's own thread: apply L0's messages in arrival order, each under the lock."""
+        lock = self.lock
         try:
-            while True:
-                msg = await call.read()
-                if not isinstance(msg, l0_pb2.RunResponse):  # grpc.aio.EOF
-                    if not self.closing:
-                        self.failure = "L0 ended the Run stream"
-                    return
+            for msg in call:
                 which = msg.WhichOneof("message")
-                if which == "results":
-                    self._apply_results(msg.results)
-                elif which == "invalidate":
-                    self._apply_invalidations(msg.invalidate)
-                elif which == "tlb_dump_request":
-                    self._send_tlb_dump(msg.tlb_dump_request.id)
-                else:
-                    self.stats["unexpected_messages"] += 1
-        except grpc.aio.AioRpcError as e:
+                with lock:
+                    if which == "results":
+                        self._apply_results(msg.results)
+                    elif which == "invalidate":
+                        self._apply_invalidations(msg.invalidate)
+                    elif which == "tlb_dump_request":
+                        self._send_tlb_dump(msg.tlb_dump_request.id)
+                    else:
+                        self.stats["unexpected_messages"] += 1
+            if not self.closing:
+                self.failure = "L0 ended the Run stream"
+        except grpc.RpcError as e:
             if not self.closing:
                 self.failure = f"Run stream broke: {e.code().name}: {e.details()}"
         except Exception as e:
             self.failure = f"Run stream protocol error: {e!r}"
         finally:
-            self._done.set()  # wake the workload loop, which checks self.failure
+            self._wake()  # the workload loop checks self.failure
+
+    def _wake(self) -> None:
+        """Set ``_done`` from the reader thread (asyncio.Event is not thread-safe)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                loop.call_soon_threadsafe(self._done.set)
 
     def _apply_results(self, r: l0_pb2.AccessResults) -> None:
-        if r.batch_id != self._batch_id or self._done.is_set():
+        if r.batch_id != self._batch_id or not self._batch_open:
             self.stats["stray_results"] += 1
             return
         if r.first_index != self._received:
@@ -220,7 +251,8 @@ class RunStream:
         if r.batch_done:
             if self._received != self._expected:
                 raise ValueError(f"batch {r.batch_id}: {self._received} results for {self._expected} accesses")
-            self._done.set()
+            self._batch_open = False
+            self._wake()
 
     def _apply_invalidations(self, b: l0_pb2.InvalidationBroadcast) -> None:
         ids = []
@@ -292,7 +324,7 @@ async def run_vcpu(
         rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token)
         stats = rs.stats
         if live is not None:
-            live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu)
+            live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu, rs.lock)
         await rs.run(spec, vcpu_index)
     except VcpuFailed as e:
         stats["errors"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -22,17 +23,17 @@ import structlog
 from nestmmu.core import formats as f
 from nestmmu.core.l1 import GUEST_PAGE_SHIFTS
 from nestmmu.core.workload import WorkloadSpec
+from nestmmu.limits import MAX_TOTAL_ACCESSES, MAX_TRACE_BYTES, MAX_VCPUS
 from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
-from .runner import LiveVcpu, run_vcpu
+from .runner import GIL_SWITCH_INTERVAL_S, LiveVcpu, run_vcpu
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
 log = structlog.get_logger("l2")
 
-MAX_VCPUS = 256
 DEFAULT_GUEST_PAGE_SHIFT = 16
 #: Report fields filled from the vCPU counters of the same name.
 _REPORT_FIELDS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "errors", "invalidations_applied", "acks_sent")
@@ -123,7 +124,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         if not request.l1_address:
             await abort_invalid(context, "l1_address", "the L1 service address (host:port) is required")
         if not 1 <= request.vcpus <= MAX_VCPUS:
-            await abort_invalid(context, "vcpus", f"must be in 1..{MAX_VCPUS}")
+            await abort_invalid(context, "vcpus", f"must be in 1..{MAX_VCPUS} (MAX_VCPUS), not {request.vcpus}")
         page_shift = request.page_shift or DEFAULT_GUEST_PAGE_SHIFT
         if page_shift not in GUEST_PAGE_SHIFTS:
             await abort_invalid(context, "page_shift", f"must be one of {GUEST_PAGE_SHIFTS} (0 = {DEFAULT_GUEST_PAGE_SHIFT})")
@@ -134,6 +135,16 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             await abort_invalid(context, field_of_spec_error(str(e)), str(e))
         if spec.pattern == "trace" and not os.path.isfile(spec.trace_path):
             await abort_invalid(context, "workload.trace_path", f"no such file in the L2 service: {spec.trace_path}")
+        if spec.pattern == "trace" and os.path.getsize(spec.trace_path) > MAX_TRACE_BYTES:
+            await abort_invalid(
+                context, "workload.trace_path", f"the trace is {os.path.getsize(spec.trace_path)} bytes; at most {MAX_TRACE_BYTES} (MAX_TRACE_BYTES)"
+            )
+        if spec.accesses * request.vcpus > MAX_TOTAL_ACCESSES:
+            await abort_invalid(
+                context,
+                "workload.accesses",
+                f"{request.vcpus} vCPUs x {spec.accesses} accesses is above {MAX_TOTAL_ACCESSES} (MAX_TOTAL_ACCESSES) accesses per RunWorkload",
+            )
         details: list[str] = []
         lpid = request.lpid
         if lpid == 0:
@@ -183,9 +194,14 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         entries = [
             l2_pb2.TlbEntry(vcpu_id=lv.vcpu_id, lpid=e.lpid, translation=translation_of(e.page, e.host, e.shift, e.pte))
             for lv in list(self.live.values())
-            for e in lv.vcpu.tlb.entries()
+            for e in _entries(lv)
         ]
         return l2_pb2.DumpTlbResponse(entries=entries)
+
+
+def _entries(lv: LiveVcpu) -> list[Any]:
+    with lv.lock:  # the vCPU's Run-stream thread may be changing its TLB
+        return lv.vcpu.tlb.entries()
 
 
 def add_to_server(server: grpc.aio.Server, servicer: L2Servicer) -> Iterable[str]:
@@ -196,4 +212,5 @@ def add_to_server(server: grpc.aio.Server, servicer: L2Servicer) -> Iterable[str
 async def serve(port: int, host: str = "0.0.0.0", ready: asyncio.Event | None = None) -> None:
     """Serve L2Service on host:port until SIGTERM/SIGINT (``ready`` is set once listening)."""
     servicer = L2Servicer()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # Run-stream threads ack tlbies while workloads run
     await serve_forever("l2", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=ready)

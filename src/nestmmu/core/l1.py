@@ -14,6 +14,7 @@ any insert built from the old entry and removes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import formats as f
@@ -333,81 +334,117 @@ class L1Hypervisor:
         last = (n_gpa + length - 1) >> guest.page_shift
         return range(first, last + 1)
 
+    # Each tree op changes one page at a time (``_*_page``: the tree write, then the
+    # invalidation hcall that page needs, as Linux-as-L1 issues it after clearing the PTE).
+    # ``*_chunks`` validate at once, then change ``chunk_pages`` pages per step, returning each
+    # step's (pages changed, hcalls): a caller can issue a step's hcalls and let other work run
+    # between steps.  The one-shot op is the same steps with one chunk, so results are identical.
     def map_pages(self, lpid: int, n_gpa: int, length: int, perms: int = 0) -> tuple[int, list[Hcall]]:
         """Prefault: insert leaves now (adding translations needs no invalidation).
 
         ``perms`` (EAA bits), when given, is what L1 grants the pages it maps now; pages that
         are already mapped keep theirs (changing them is protect_pages, which flushes).
         """
-        if perms & ~PERM_RWX:
-            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
-        guest = self.guest(lpid)
-        n = 0
-        for page in self._pages(guest, n_gpa, length):
-            if self._read_leaf(guest, page << guest.page_shift) is None:
-                if perms:
-                    guest.perms[page] = perms
-                self.instantiate(guest, page << guest.page_shift, writing=False)
-                n += 1
-        return n, []
+        return _collect(self.map_pages_chunks(lpid, n_gpa, length, perms))
 
     def unmap_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
         """Clear leaves and free their backing; one invalidation per page (as Linux does)."""
-        guest = self.guest(lpid)
-        hcalls: list[Hcall] = []
-        for page in self._pages(guest, n_gpa, length):
-            addr = page << guest.page_shift
-            leaf = self._read_leaf(guest, addr)
-            if leaf is None:
-                continue
-            self.mem.write_u64(leaf[0], 0)
-            l1_gpa = guest.backing.pop(page, None)
-            if l1_gpa is not None:
-                self._free_backing(guest, page, l1_gpa)
-            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
-        self._count("pages_unmapped")
-        return len(hcalls), hcalls
+        return _collect(self.unmap_pages_chunks(lpid, n_gpa, length))
 
     def protect_pages(self, lpid: int, n_gpa: int, length: int, perms: int) -> tuple[int, list[Hcall]]:
         """Change the permissions L1 grants; downgraded leaves are rewritten and flushed."""
-        if perms & ~PERM_RWX:
-            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
-        guest = self.guest(lpid)
-        hcalls: list[Hcall] = []
-        for page in self._pages(guest, n_gpa, length):
-            guest.perms[page] = perms
-            addr = page << guest.page_shift
-            leaf = self._read_leaf(guest, addr)
-            if leaf is None:
-                continue
-            old = leaf[1]
-            new = (old & ~PERM_RWX) | perms
-            if not perms & f.PTE_EAA_RW:
-                new &= ~f.PTE_C
-            if new == old:
-                continue
-            self.mem.write_u64(leaf[0], new)
-            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
-        return len(hcalls), hcalls
+        return _collect(self.protect_pages_chunks(lpid, n_gpa, length, perms))
 
     def remap_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
         """Move mapped L2 pages to fresh L1 pages (e.g. L1 compaction), then flush each."""
+        return _collect(self.remap_pages_chunks(lpid, n_gpa, length))
+
+    def map_pages_chunks(self, lpid: int, n_gpa: int, length: int, perms: int = 0, chunk_pages: int = 0) -> Iterator[tuple[int, list[Hcall]]]:
+        if perms & ~PERM_RWX:
+            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
         guest = self.guest(lpid)
-        hcalls: list[Hcall] = []
-        for page in self._pages(guest, n_gpa, length):
-            addr = page << guest.page_shift
-            leaf = self._read_leaf(guest, addr)
-            if leaf is None:
-                continue
-            r = guest.region_at(addr)
-            if r is not None and r.kind != "protect":
-                continue  # ROM and MMIO mappings do not move
-            old_gpa = guest.backing.pop(page)
-            new_gpa = self._backing_for(guest, page)
-            self._free_backing(guest, page, old_gpa)
-            self.mem.write_u64(leaf[0], (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa)
-            hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
-        return len(hcalls), hcalls
+        return self._chunks(guest, self._pages(guest, n_gpa, length), chunk_pages, lambda page: self._map_page(guest, page, perms))
+
+    def unmap_pages_chunks(self, lpid: int, n_gpa: int, length: int, chunk_pages: int = 0) -> Iterator[tuple[int, list[Hcall]]]:
+        guest = self.guest(lpid)
+        pages = self._pages(guest, n_gpa, length)
+        self._count("pages_unmapped")  # one count per call, as before chunking
+        return self._chunks(guest, pages, chunk_pages, lambda page: self._unmap_page(guest, page))
+
+    def protect_pages_chunks(self, lpid: int, n_gpa: int, length: int, perms: int, chunk_pages: int = 0) -> Iterator[tuple[int, list[Hcall]]]:
+        if perms & ~PERM_RWX:
+            raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
+        guest = self.guest(lpid)
+        return self._chunks(guest, self._pages(guest, n_gpa, length), chunk_pages, lambda page: self._protect_page(guest, page, perms))
+
+    def remap_pages_chunks(self, lpid: int, n_gpa: int, length: int, chunk_pages: int = 0) -> Iterator[tuple[int, list[Hcall]]]:
+        guest = self.guest(lpid)
+        return self._chunks(guest, self._pages(guest, n_gpa, length), chunk_pages, lambda page: self._remap_page(guest, page))
+
+    def _chunks(self, guest: L2Guest, pages: range, chunk_pages: int, step: Callable[[int], tuple[bool, Hcall | None]]) -> Iterator[tuple[int, list[Hcall]]]:
+        """Run ``step`` on ``pages``, ``chunk_pages`` at a time (0: all at once).
+
+        A guest destroyed between chunks ends the op (its tree and backing are gone)."""
+        size = chunk_pages if chunk_pages > 0 else max(1, len(pages))
+        for lo in range(0, len(pages), size):
+            if self.guests.get(guest.lpid) is not guest:
+                return
+            n = 0
+            hcalls: list[Hcall] = []
+            for page in pages[lo : lo + size]:
+                changed, h = step(page)
+                n += changed
+                if h is not None:
+                    hcalls.append(h)
+            yield n, hcalls
+
+    def _map_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, Hcall | None]:
+        if self._read_leaf(guest, page << guest.page_shift) is not None:
+            return False, None
+        if perms:
+            guest.perms[page] = perms
+        self.instantiate(guest, page << guest.page_shift, writing=False)
+        return True, None
+
+    def _unmap_page(self, guest: L2Guest, page: int) -> tuple[bool, Hcall | None]:
+        addr = page << guest.page_shift
+        leaf = self._read_leaf(guest, addr)
+        if leaf is None:
+            return False, None
+        self.mem.write_u64(leaf[0], 0)
+        l1_gpa = guest.backing.pop(page, None)
+        if l1_gpa is not None:
+            self._free_backing(guest, page, l1_gpa)
+        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
+
+    def _protect_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, Hcall | None]:
+        guest.perms[page] = perms
+        addr = page << guest.page_shift
+        leaf = self._read_leaf(guest, addr)
+        if leaf is None:
+            return False, None
+        old = leaf[1]
+        new = (old & ~PERM_RWX) | perms
+        if not perms & f.PTE_EAA_RW:
+            new &= ~f.PTE_C
+        if new == old:
+            return False, None
+        self.mem.write_u64(leaf[0], new)
+        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
+
+    def _remap_page(self, guest: L2Guest, page: int) -> tuple[bool, Hcall | None]:
+        addr = page << guest.page_shift
+        leaf = self._read_leaf(guest, addr)
+        if leaf is None:
+            return False, None
+        r = guest.region_at(addr)
+        if r is not None and r.kind != "protect":
+            return False, None  # ROM and MMIO mappings do not move
+        old_gpa = guest.backing.pop(page)
+        new_gpa = self._backing_for(guest, page)
+        self._free_backing(guest, page, old_gpa)
+        self.mem.write_u64(leaf[0], (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa)
+        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
 
     # ---------------------------------------------------------------- reflected exits
     def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
@@ -449,6 +486,16 @@ class L1Hypervisor:
             return ExitReply(ExitAction.REENTER), []
         self._count("exit.other")
         return ExitReply(ExitAction.REENTER), []
+
+
+def _collect(chunks: Iterator[tuple[int, list[Hcall]]]) -> tuple[int, list[Hcall]]:
+    """Run a chunked tree op to the end: (pages changed, every hcall in order)."""
+    n = 0
+    hcalls: list[Hcall] = []
+    for k, hs in chunks:
+        n += k
+        hcalls += hs
+    return n, hcalls
 
 
 def _allows(pte: int, access: Access) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..limits import MAX_ACCESSES_PER_VCPU, MAX_BATCH
 from .formats import Access
 
 PATTERNS = ("uniform", "hot", "sequential", "trace")
@@ -33,14 +34,14 @@ class WorkloadSpec:
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, not {self.pattern!r}")
-        if self.accesses < 0:
-            raise ValueError("accesses must be >= 0")
+        if not 0 <= self.accesses <= MAX_ACCESSES_PER_VCPU:
+            raise ValueError(f"accesses must be in 0..{MAX_ACCESSES_PER_VCPU} (MAX_ACCESSES_PER_VCPU), not {self.accesses}")
         if self.footprint < 4096 or self.footprint % 4096:
             raise ValueError("footprint must be a positive multiple of 4096 bytes")
         if not 0 <= self.store_fraction <= 1 or not 0 <= self.ifetch_fraction <= 1 or self.store_fraction + self.ifetch_fraction > 1:
             raise ValueError("store_fraction and ifetch_fraction must be in [0, 1] and sum to at most 1")
-        if not 1 <= self.batch_size <= 65536:
-            raise ValueError("batch_size must be in 1..65536")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be in 1..{MAX_BATCH} (MAX_BATCH), not {self.batch_size}")
         if self.pattern == "trace" and not self.trace_path:
             raise ValueError("pattern 'trace' needs trace_path")
 
