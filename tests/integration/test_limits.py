@@ -115,7 +115,9 @@ async def test_tree_op_above_the_page_limit_is_refused(s: Stubs, op: str) -> Non
     await _refused(getattr(s.l1, op)(req_type(lpid=lpid, n_gpa=0, length=over), timeout=10), "length", "MAX_TREE_OP_PAGES", MAX_TREE_OP_PAGES)
     await _refused(getattr(s.l1, op)(req_type(lpid=lpid, n_gpa=4096, length=(1 << 46) - 4096), timeout=10), "length", "MAX_TREE_OP_PAGES", MAX_TREE_OP_PAGES)
     # At the limit, a range that straddles one more page is refused too (pages, not bytes).
-    await _refused(getattr(s.l1, op)(req_type(lpid=lpid, n_gpa=1, length=MAX_TREE_OP_PAGES << 12), timeout=10), "length", "MAX_TREE_OP_PAGES", MAX_TREE_OP_PAGES)
+    await _refused(
+        getattr(s.l1, op)(req_type(lpid=lpid, n_gpa=1, length=MAX_TREE_OP_PAGES << 12), timeout=10), "length", "MAX_TREE_OP_PAGES", MAX_TREE_OP_PAGES
+    )
     g = await s.l1.GetGuest(l1_pb2.GetGuestRequest(lpid=lpid), timeout=10)
     assert g.guest.mapped_pages == 0
     await s.l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=10)
@@ -137,7 +139,9 @@ async def test_create_guest_with_too_many_regions_is_refused(s: Stubs) -> None:
         (1, l2_pb2.Workload(batch_size=MAX_BATCH + 1), "workload.batch_size", "MAX_BATCH", MAX_BATCH),
     ],
 )
-async def test_run_workload_above_a_limit_is_refused(s: Stubs, lc: cluster.LocalCluster, vcpus: int, workload: l2_pb2.Workload, field: str, name: str, limit: int) -> None:
+async def test_run_workload_above_a_limit_is_refused(
+    s: Stubs, lc: cluster.LocalCluster, vcpus: int, workload: l2_pb2.Workload, field: str, name: str, limit: int
+) -> None:
     req = l2_pb2.RunWorkloadRequest(l1_address=lc.l1s["l1a"], vcpus=vcpus, workload=workload)
     await _refused(s.l2.RunWorkload(req, timeout=10), field, name, limit)
     assert not (await s.l2.GetReport(l2_pb2.GetReportRequest(), timeout=10)).reports, "nothing ran"
