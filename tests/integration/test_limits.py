@@ -37,7 +37,7 @@ def lc() -> Iterator[cluster.LocalCluster]:
 
 
 def _bad_request(e: grpc.aio.AioRpcError) -> dict[str, str]:
-    st = rpc_status.from_call(e)  # type: ignore[arg-type]
+    st = rpc_status.from_call(e)
     assert st is not None, e
     out = {}
     for d in st.details:
@@ -178,7 +178,7 @@ async def test_l0_refuses_too_many_memslots(s: Stubs) -> None:
         yield l0_pb2.ConnectRequest(register=reg)
         await asyncio.sleep(10)
 
-    call = s.l0.Connect(requests())  # type: ignore[arg-type]
+    call = s.l0.Connect(requests())
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         async for _ in call:
             pass
