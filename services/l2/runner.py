@@ -16,9 +16,10 @@ stream is a synchronous gRPC call whose reader is a thread of its own, and whose
 taken from a thread-safe queue by gRPC's own thread, so neither depends on the event loop that
 runs the workloads (and parses traces) of every vCPU in this process.  The TLB and counters are
 guarded by ``RunStream.lock``: the reader holds it to apply one message, the workload loop to
-scan one batch (at most MAX_BATCH accesses, about a millisecond per thousand).  The ack bound:
-an invalidation is acknowledged within one batch scan plus a few GIL hand-offs (the L2 process
-sets the switch interval to ``GIL_SWITCH_INTERVAL_S``) after it arrives, however busy the vCPUs.
+scan one slice of a batch (``SCAN_SLICE`` accesses, about a millisecond).  The ack bound: an
+invalidation is acknowledged within one scan slice plus a few GIL hand-offs (the L2 process sets
+the switch interval to ``GIL_SWITCH_INTERVAL_S``) of CPU time after it arrives, however busy the
+vCPUs and however large their batches.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ DETACH_TIMEOUT = 0.25
 #: The L2 process's GIL switch interval: how long the workload thread may hold the interpreter
 #: while a Run-stream thread waits to apply a tlbie and ack it.
 GIL_SWITCH_INTERVAL_S = 0.001
+#: Accesses the workload loop scans per hold of the TLB lock: a tlbie waits at most this long
+#: (about a millisecond) for the scan to let it in.  Scanning a batch in slices gives the same
+#: hits and misses as one scan, except that a tlbie may now land between slices, as on hardware.
+SCAN_SLICE = 1024
 
 _FILL = l0_pb2.ACCESS_OUTCOME_FILL
 _SI = l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT
@@ -112,6 +117,8 @@ class RunStream:
         self._received = 0
         self._done = asyncio.Event()
         self._batch_open = False  # the reader's view: results of the current batch may come
+        self._attached = asyncio.Event()
+        self._attached_seen = False  # set by the reader thread on RunAttached
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress = time.monotonic()
         self._log = log.bind(vcpu_id=vcpu_id, l1_lpid=l1_lpid)
@@ -127,26 +134,26 @@ class RunStream:
         stub = l0_pb2_grpc.L0ServiceStub(channel)
         self.out.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=self.run_token)))
         call = stub.Run(_drain(self.out), metadata=metadata_with_request_id())  # long-lived: no deadline
-        reader: threading.Thread | None = None
+        # The reader takes every message from the first (RunAttached) on: a tlbie L0 sends right
+        # after the attach is acked even while this loop is busy with other vCPUs.
+        reader = threading.Thread(target=self._reader, args=(call,), name=f"run-{self.l1_lpid}-{self.vcpu_id}", daemon=True)
+        reader.start()
         try:
             try:
-                first = await asyncio.wait_for(asyncio.to_thread(next, call, None), RPC_DEADLINE)
-            except grpc.RpcError as e:
-                raise VcpuFailed(f"Run attach to L0 at {self.l0_address} failed: {e.code().name}: {e.details()}") from e
+                await asyncio.wait_for(self._attached.wait(), RPC_DEADLINE)
             except TimeoutError as e:
                 raise VcpuFailed(f"L0 at {self.l0_address} did not answer RunAttach within {RPC_DEADLINE}s") from e
-            if not isinstance(first, l0_pb2.RunResponse) or first.WhichOneof("message") != "attached":
-                raise VcpuFailed(f"L0 answered RunAttach with {first!r}")
-            self.vcpu.lpid = first.attached.shadow_lpid
+            if self.failure is not None:
+                raise VcpuFailed(self.failure)
             self._log = self._log.bind(shadow_lpid=self.vcpu.lpid)
             self._log.info("vcpu_attached", l0=self.l0_address)
-            reader = threading.Thread(target=self._reader, args=(call,), name=f"run-{self.l1_lpid}-{self.vcpu_id}", daemon=True)
-            reader.start()
             vcpu = self.vcpu
             lock = self.lock
             for addrs, kinds in generate(spec, vcpu_index):
-                with lock:
-                    send = vcpu.run_hits(addrs, kinds)
+                send: list[tuple[int, int]] = []
+                for lo in range(0, len(addrs), SCAN_SLICE):  # the lock is held one slice at a time
+                    with lock:
+                        send += vcpu.run_hits(addrs[lo : lo + SCAN_SLICE], kinds[lo : lo + SCAN_SLICE])
                 while send:
                     await self._round(send)
                     with lock:
@@ -163,8 +170,7 @@ class RunStream:
             self.closing = True
             self.out.put_nowait(None)  # also ends gRPC's request thread
             call.cancel()
-            if reader is not None:
-                await asyncio.to_thread(reader.join)
+            await asyncio.to_thread(reader.join)
             channel.close()
 
     async def _round(self, send: list[tuple[int, int]]) -> None:
@@ -201,6 +207,15 @@ class RunStream:
         try:
             for msg in call:
                 which = msg.WhichOneof("message")
+                if not self._attached_seen:
+                    if which != "attached":
+                        self.failure = f"L0 answered RunAttach with {msg!r}"
+                        return
+                    with lock:
+                        self.vcpu.lpid = msg.attached.shadow_lpid
+                    self._attached_seen = True
+                    self._wake(self._attached)
+                    continue
                 with lock:
                     if which == "results":
                         self._apply_results(msg.results)
@@ -213,19 +228,24 @@ class RunStream:
             if not self.closing:
                 self.failure = "L0 ended the Run stream"
         except grpc.RpcError as e:
-            if not self.closing:
+            if not self._attached_seen:
+                self.failure = f"Run attach to L0 at {self.l0_address} failed: {e.code().name}: {e.details()}"
+            elif not self.closing:
                 self.failure = f"Run stream broke: {e.code().name}: {e.details()}"
         except Exception as e:
             self.failure = f"Run stream protocol error: {e!r}"
         finally:
-            self._wake()  # the workload loop checks self.failure
+            if not self._attached_seen and self.failure is None:
+                self.failure = f"L0 at {self.l0_address} ended the Run stream before RunAttached"
+            self._wake(self._attached)
+            self._wake(self._done)  # the workload loop checks self.failure
 
-    def _wake(self) -> None:
-        """Set ``_done`` from the reader thread (asyncio.Event is not thread-safe)."""
+    def _wake(self, event: asyncio.Event) -> None:
+        """Set an event of the workload's loop from the reader thread (asyncio.Event is not thread-safe)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop is shutting down
-                loop.call_soon_threadsafe(self._done.set)
+                loop.call_soon_threadsafe(event.set)
 
     def _apply_results(self, r: l0_pb2.AccessResults) -> None:
         if r.batch_id != self._batch_id or not self._batch_open:
@@ -252,7 +272,7 @@ class RunStream:
             if self._received != self._expected:
                 raise ValueError(f"batch {r.batch_id}: {self._received} results for {self._expected} accesses")
             self._batch_open = False
-            self._wake()
+            self._wake(self._done)
 
     def _apply_invalidations(self, b: l0_pb2.InvalidationBroadcast) -> None:
         ids = []

@@ -210,6 +210,7 @@ async def run_default_workload(
     with_churn: bool = False,
     churn_counts: dict[str, int] | None = None,
     trace_path: str = "",
+    batch_size: int = 1024,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
@@ -247,7 +248,7 @@ async def run_default_workload(
                             footprint_bytes=min(footprint, g.memory),
                             store_fraction=0.3,
                             ifetch_fraction=0.05,
-                            batch_size=1024,
+                            batch_size=batch_size,
                         ),
                     ),
                     timeout=600.0,

@@ -27,7 +27,7 @@ MAX_GUEST_REGIONS = 64
 MAX_BATCH = 65536
 #: The L0 Run worker yields to the event loop after this much work (seconds) on one batch:
 #: a batch of shadow-tree hits never suspends otherwise.
-RUN_WORKER_SLICE_S = 0.002
+RUN_WORKER_SLICE_S = 0.001
 #: Memslots one L1 may register at Connect (KVM_USER_MEM_SLOTS on powerpc is 512).
 MAX_MEMSLOTS = 512
 
