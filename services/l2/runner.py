@@ -149,15 +149,26 @@ class RunStream:
             self._log.info("vcpu_attached", l0=self.l0_address)
             vcpu = self.vcpu
             lock = self.lock
-            for addrs, kinds in generate(spec, vcpu_index):
+            batches = generate(spec, vcpu_index)
+            big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
+            while (got := await asyncio.to_thread(next, batches, None) if big else next(batches, None)) is not None:
+                addrs, kinds = got
                 send: list[tuple[int, int]] = []
                 for lo in range(0, len(addrs), SCAN_SLICE):  # the lock is held one slice at a time
+                    if lo:
+                        await asyncio.sleep(0)
                     with lock:
                         send += vcpu.run_hits(addrs[lo : lo + SCAN_SLICE], kinds[lo : lo + SCAN_SLICE])
                 while send:
                     await self._round(send)
                     with lock:
-                        send = vcpu.next_round()
+                        again = vcpu.take_deferred()  # next_round, rescanned in slices
+                    send = []
+                    for lo in range(0, len(again), SCAN_SLICE):
+                        if lo:
+                            await asyncio.sleep(0)
+                        with lock:
+                            send += vcpu.rescan(again[lo : lo + SCAN_SLICE])
                 await asyncio.sleep(0)  # other vCPUs and RPCs of this process (acks do not wait for this)
                 if self.failure is not None:
                     raise VcpuFailed(self.failure)

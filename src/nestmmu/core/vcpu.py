@@ -184,6 +184,18 @@ class Vcpu:
         # Deferred accesses were already counted as accesses; rescan them.
         return self._scan(again)
 
+    def take_deferred(self) -> list[tuple[int, int]]:
+        """``next_round`` in pieces: end the round and hand back the deferred accesses, for the
+        caller to ``rescan`` (in slices, as long as nothing else scans in between)."""
+        self._pending = {}
+        again, self._deferred = self._deferred, []
+        self._sent = []
+        return again
+
+    def rescan(self, accesses: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Scan deferred accesses again (already counted as accesses)."""
+        return self._scan(accesses)
+
     def apply(self, r: AccessResult) -> None:
         stats = self.stats
         if r.outcome is Outcome.FILL:
