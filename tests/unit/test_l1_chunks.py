@@ -60,6 +60,8 @@ def test_chunked_ops_equal_oneshot(page_shift: int, chunk: int) -> None:
         assert ra == rb, (op, first, pages)
         assert [(s.gpa, s.pte) for s in ga.tree.leaves()] == [(s.gpa, s.pte) for s in gb.tree.leaves()]
         assert ga.backing == gb.backing and ga.perms == gb.perms
+        # GetGuest reports mapped_pages as len(backing): one backing page per leaf.
+        assert len(ga.backing) == sum(1 for _ in ga.tree.leaves())
     assert a.stats == b.stats
 
 
