@@ -176,7 +176,9 @@ class RunStream:
             self.closing = True
             self.out.put_nowait(None)
             await asyncio.to_thread(reader.join, DETACH_TIMEOUT)
-            self._log.info("vcpu_detached", **{k: v for k, v in self.stats.items() if k in ("accesses", "tlb_hits", "fills")})
+            with self.lock:  # the reader thread may still be counting
+                done = {k: v for k, v in self.stats.items() if k in ("accesses", "tlb_hits", "fills")}
+            self._log.info("vcpu_detached", **done)
         finally:
             self.closing = True
             self.out.put_nowait(None)  # also ends gRPC's request thread
@@ -196,9 +198,9 @@ class RunStream:
         with self.lock:
             self._expected, self._received = len(send), 0
             self._batch_open = True
+            self.stats["batches_sent"] += 1
         self._done.clear()
         self._progress = time.monotonic()
-        self.stats["batches_sent"] += 1
         self._log.debug("batch_sent", request_id=rid, batch_id=self._batch_id, accesses=len(send))
         self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
         while not self._done.is_set():
