@@ -25,6 +25,7 @@ vCPUs and however large their batches.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import queue
@@ -73,6 +74,9 @@ _ERROR = AccessResult(Outcome.ERROR)
 _HAS_BATCH_REQUEST_ID = "request_id" in l0_pb2.AccessBatch.DESCRIPTOR.fields_by_name
 
 _ids = itertools.count(1)
+#: One thread generates (parses) the large batches of every vCPU, one batch at a time: the
+#: event loop then shares the interpreter with one busy thread, not one per vCPU.
+_GENERATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2-generate")
 
 
 class VcpuFailed(Exception):
@@ -151,7 +155,8 @@ class RunStream:
             lock = self.lock
             batches = generate(spec, vcpu_index)
             big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
-            while (got := await asyncio.to_thread(next, batches, None) if big else next(batches, None)) is not None:
+            loop = asyncio.get_running_loop()
+            while (got := await loop.run_in_executor(_GENERATOR, next, batches, None) if big else next(batches, None)) is not None:
                 addrs, kinds = got
                 send: list[tuple[int, int]] = []
                 for lo in range(0, len(addrs), SCAN_SLICE):  # the lock is held one slice at a time

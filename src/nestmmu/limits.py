@@ -16,8 +16,8 @@ from __future__ import annotations
 #: changed (as Linux-as-L1 does), so a call at the limit is bounded in time as well as CPU.
 MAX_TREE_OP_PAGES = 1 << 16
 #: Pages an L1 tree op changes per slice under the core lock before it yields to the event
-#: loop (and issues that slice's invalidation hcalls): a few milliseconds of core work.
-TREE_OP_SLICE_PAGES = 128
+#: loop (and issues that slice's invalidation hcalls): well under a millisecond of core work.
+TREE_OP_SLICE_PAGES = 32
 #: Special regions (ROM, MMIO, protected) one CreateGuest may name: each access's region
 #: lookup is linear in them.
 MAX_GUEST_REGIONS = 64
@@ -27,7 +27,7 @@ MAX_GUEST_REGIONS = 64
 MAX_BATCH = 65536
 #: The L0 Run worker yields to the event loop after this much work (seconds) on one batch:
 #: a batch of shadow-tree hits never suspends otherwise.
-RUN_WORKER_SLICE_S = 0.001
+RUN_WORKER_SLICE_S = 0.0005
 #: Memslots one L1 may register at Connect (KVM_USER_MEM_SLOTS on powerpc is 512).
 MAX_MEMSLOTS = 512
 
