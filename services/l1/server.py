@@ -9,7 +9,7 @@ answer UNAVAILABLE while L1 is not registered with it; see :mod:`.session` for t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -23,7 +23,7 @@ from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
 from .session import L0Session, L0Unavailable, walk_to_proto
-from .treeops import GuestGone, MakeChunks, RangeReservations, run_tree_op
+from .treeops import GuestGone, MakeChunks, TreeOps
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -87,8 +87,7 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         self.l0_address = l0_address
         self.advertise_l0 = advertise_l0 or l0_address
         self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate)
-        self.reservations = RangeReservations()
-        self._tree_ops: set[asyncio.Task[tuple[int, int]]] = set()
+        self.tree_ops = TreeOps()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -200,11 +199,8 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         g = await self._guest(context, core, lpid)
         await self._check_range(context, g, n_gpa, length)
         first, last = n_gpa >> g.page_shift, (n_gpa + length - 1) >> g.page_shift
-        task = asyncio.create_task(run_tree_op(core, self.lock, self.reservations, self.session.hcall, lpid, first, last, make))
-        self._tree_ops.add(task)  # runs to the end even if this RPC is cancelled
-        task.add_done_callback(_forget_tree_op(self._tree_ops))
         try:
-            return await asyncio.shield(task)
+            return await self.tree_ops.run(core, self.lock, self.session.hcall, lpid, first, last, make)
         except L0Unavailable as e:
             await self._unavailable(context, e)
         except GuestGone:
@@ -271,15 +267,6 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
             values["guests"] = len(core.guests)
             values["exits_handled"] = core.exits_handled
         return l1_pb2.GetStatsResponse(counters=common_pb2.Counters(values=values))
-
-
-def _forget_tree_op(ops: set[asyncio.Task[tuple[int, int]]]) -> Callable[[asyncio.Task[tuple[int, int]]], None]:
-    def done(t: asyncio.Task[tuple[int, int]]) -> None:
-        ops.discard(t)
-        if not t.cancelled():
-            t.exception()  # retrieved: a caller that went away has no one to tell
-
-    return done
 
 
 def add_to_server(server: grpc.aio.Server, servicer: L1Servicer) -> Iterable[str]:

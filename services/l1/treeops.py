@@ -103,4 +103,26 @@ async def run_tree_op(
         return first_rc, total
 
 
-__all__ = ["GuestGone", "MakeChunks", "RangeReservations", "run_tree_op"]
+class TreeOps:
+    """The L1 service's in-flight tree ops: their range reservations and tasks."""
+
+    def __init__(self) -> None:
+        self.reservations = RangeReservations()
+        self.tasks: set[asyncio.Task[tuple[int, int]]] = set()
+
+    async def run(
+        self, core: L1Hypervisor, lock: asyncio.Lock, hcall: Callable[[Hcall], Awaitable[int]], lpid: int, first_page: int, last_page: int, make: MakeChunks
+    ) -> tuple[int, int]:
+        """run_tree_op in a task of its own that finishes even if the caller is cancelled."""
+        task = asyncio.create_task(run_tree_op(core, lock, self.reservations, hcall, lpid, first_page, last_page, make))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[tuple[int, int]]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that went away has no one to tell
+
+
+__all__ = ["GuestGone", "MakeChunks", "RangeReservations", "TreeOps", "run_tree_op"]

@@ -204,7 +204,7 @@ async def test_l1_answers_within_100ms_during_tree_ops_at_the_limit(s: Stubs) ->
     assert r.pages_changed == MAX_TREE_OP_PAGES and r.hcall_rc == 0
     print(f"\nMapPages of {MAX_TREE_OP_PAGES} 4K pages: {map_s:.2f}s; {len(lat)} probes, max {max(lat) * 1e3:.1f} ms")
     assert len(lat) >= 20, "the probes must overlap the op"
-    assert max(lat) < PROBE_BOUND_S, sorted(lat)[-5:]
+    assert max(lat) < PROBE_BOUND_S, (sorted(lat)[-5:], f"worst at probe {lat.index(max(lat))} of {len(lat)}")
 
     n_unmap = 2048
     t0 = time.perf_counter()
@@ -213,7 +213,7 @@ async def test_l1_answers_within_100ms_during_tree_ops_at_the_limit(s: Stubs) ->
     u = await busy
     print(f"UnmapPages of {n_unmap} 4K pages: {time.perf_counter() - t0:.2f}s; {len(lat)} probes, max {max(lat) * 1e3:.1f} ms")
     assert u.pages_changed == n_unmap and u.hcall_rc == 0
-    assert max(lat) < PROBE_BOUND_S, sorted(lat)[-5:]
+    assert max(lat) < PROBE_BOUND_S, (sorted(lat)[-5:], f"worst at probe {lat.index(max(lat))} of {len(lat)}")
     await s.l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=60)
 
 
@@ -253,7 +253,7 @@ async def test_l0_answers_within_100ms_during_a_max_batch_of_shadow_hits(s: Stub
     print(f"\nL0 batch of {MAX_BATCH} shadow hits: {time.perf_counter() - t0:.2f}s; {len(lat)} probes, max {max(lat) * 1e3:.1f} ms")
     assert len(res) == MAX_BATCH and all(r[0] == l0_pb2.ACCESS_OUTCOME_FILL for r in res)
     assert len(lat) >= 20, "the probes must overlap the batch"
-    assert max(lat) < PROBE_BOUND_S, sorted(lat)[-5:]
+    assert max(lat) < PROBE_BOUND_S, (sorted(lat)[-5:], f"worst at probe {lat.index(max(lat))} of {len(lat)}")
     await v.close()
     await s.l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=10)
 
@@ -273,4 +273,4 @@ async def test_l2_answers_within_100ms_during_a_workload_of_max_batches(s: Stubs
     print(f"\nL2 RunWorkload, 4 vCPUs x {4 * MAX_BATCH} accesses, {MAX_BATCH}-access batches: {took:.2f}s; {len(lat)} probes, max {max(lat) * 1e3:.1f} ms")
     assert rep.errors == 0 and rep.accesses == 4 * 4 * MAX_BATCH, rep
     assert len(lat) >= 20, "the probes must overlap the workload"
-    assert max(lat) < PROBE_BOUND_S, sorted(lat)[-5:]
+    assert max(lat) < PROBE_BOUND_S, (sorted(lat)[-5:], f"worst at probe {lat.index(max(lat))} of {len(lat)}")
