@@ -14,6 +14,7 @@ any insert built from the old entry and removes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import formats as f
@@ -50,7 +51,27 @@ class RptInvalidate:
     end: int
 
 
-Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate
+@dataclass(frozen=True, slots=True)
+class CopyL1Pages:
+    """L1 copies ``length`` bytes of its own memory from ``src`` to ``dst`` (4K aligned).
+
+    L1's memory is host frames in L0, so its memcpy moves bytes there: the model sends the
+    copy to L0 (data guests only; see :attr:`L2Guest.data`)."""
+
+    dst: int
+    src: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class L1Step:
+    """Not an hcall: work L1 does itself once every hcall before it in the list completed
+    (e.g. install the new leaf after the page was copied).  Drivers call ``run()``."""
+
+    run: Callable[[], None]
+
+
+Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate | CopyL1Pages | L1Step
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,11 @@ class L2Guest:
     regions: list[GuestRegion] = field(default_factory=list)
     backing: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 real address
     perms: dict[int, int] = field(default_factory=dict)  # L2 page -> EAA override
+    # Data mode: L1 keeps the guest's bytes when it moves pages (remap copies, unmap swaps
+    # out to a slot of L1 memory, the next fault swaps in), as Linux-as-L1 does.
+    data: bool = False
+    swap: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 swap slot address
+    busy: set[int] = field(default_factory=set)  # pages whose copy is in flight (no leaf yet)
 
     @property
     def page_size(self) -> int:
@@ -191,7 +217,7 @@ class L1Hypervisor:
         self.mem.write_u64(addr + 8, dw1)
 
     def create_guest(
-        self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None
+        self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None, data: bool = False
     ) -> tuple[L2Guest, list[Hcall]]:
         """Allocate an lpid, build the root in L1 memory, write the PATE, flush (RIC=2)."""
         if page_shift not in GUEST_PAGE_SHIFTS:
@@ -219,7 +245,7 @@ class L1Hypervisor:
             tree = RadixTable(self.mem, self.alloc, 12 if page_shift == 12 else 16)
         except OutOfMemory as e:
             raise ConfigError(f"L1 {self.name!r} is out of memory for a new tree: {e}") from e
-        guest = L2Guest(lpid, page_shift, memory, tree, list(regions or []))
+        guest = L2Guest(lpid, page_shift, memory, tree, list(regions or []), data=data)
         self.guests[lpid] = guest
         self._write_pate(lpid, guest.pate_dw0(), f.make_pate_dw1())
         self._count("guests_created")
@@ -235,6 +261,8 @@ class L1Hypervisor:
         tree.free_table(tree.root, 3)
         for page, l1_gpa in guest.backing.items():
             self._free_backing(guest, page, l1_gpa)
+        for slot in guest.swap.values():
+            self.alloc.free(slot)
         del self.guests[lpid]
         self._count("guests_destroyed")
         return hcalls
@@ -343,13 +371,19 @@ class L1Hypervisor:
             raise ConfigError(f"perms {perms:#x} must be a combination of R (4), RW (2), X (1)")
         guest = self.guest(lpid)
         n = 0
+        hcalls: list[Hcall] = []
         for page in self._pages(guest, n_gpa, length):
+            if page in guest.busy:
+                continue
             if self._read_leaf(guest, page << guest.page_shift) is None:
                 if perms:
                     guest.perms[page] = perms
-                self.instantiate(guest, page << guest.page_shift, writing=False)
+                if page in guest.swap:
+                    hcalls += self._swap_in(guest, page, writing=False)
+                else:
+                    self.instantiate(guest, page << guest.page_shift, writing=False)
                 n += 1
-        return n, []
+        return n, hcalls
 
     def unmap_pages(self, lpid: int, n_gpa: int, length: int) -> tuple[int, list[Hcall]]:
         """Clear leaves and free their backing; one invalidation per page (as Linux does)."""
@@ -362,11 +396,15 @@ class L1Hypervisor:
                 continue
             self.mem.write_u64(leaf[0], 0)
             l1_gpa = guest.backing.pop(page, None)
+            r = guest.region_at(addr)
+            if guest.data and l1_gpa is not None and (r is None or r.kind == "protect"):
+                hcalls += self._swap_out(guest, page, l1_gpa)
+                continue
             if l1_gpa is not None:
                 self._free_backing(guest, page, l1_gpa)
             hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
         self._count("pages_unmapped")
-        return len(hcalls), hcalls
+        return sum(1 for h in hcalls if not isinstance(h, (CopyL1Pages, L1Step))), hcalls
 
     def protect_pages(self, lpid: int, n_gpa: int, length: int, perms: int) -> tuple[int, list[Hcall]]:
         """Change the permissions L1 grants; downgraded leaves are rewritten and flushed."""
@@ -404,10 +442,65 @@ class L1Hypervisor:
                 continue  # ROM and MMIO mappings do not move
             old_gpa = guest.backing.pop(page)
             new_gpa = self._backing_for(guest, page)
+            new_pte = (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa
+            if guest.data:
+                hcalls += self._migrate_page(guest, page, leaf[0], old_gpa, new_gpa, new_pte)
+                continue
             self._free_backing(guest, page, old_gpa)
-            self.mem.write_u64(leaf[0], (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa)
+            self.mem.write_u64(leaf[0], new_pte)
             hcalls.append(self._flush_page_hcall(lpid, addr, guest.page_shift))
-        return len(hcalls), hcalls
+        n = sum(1 for h in hcalls if not isinstance(h, (CopyL1Pages, L1Step)))
+        return n, hcalls
+
+    # ---------------------------------------------------------------- data guests: moving pages
+    def _migrate_page(self, guest: L2Guest, page: int, leaf_addr: int, old_gpa: int, new_gpa: int, new_pte: int) -> list[Hcall]:
+        """migrate_pages as Linux-as-L1 does it: replace the leaf by a migration entry and
+        flush (no vCPU can write the old page any more), copy, then install the new leaf.
+        A fault on the page meanwhile waits (the page is busy)."""
+        self.mem.write_u64(leaf_addr, 0)
+        guest.busy.add(page)
+        addr = page << guest.page_shift
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self._free_backing(guest, page, old_gpa)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, new_pte)
+            self._count("pages_migrated")
+
+        return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift), CopyL1Pages(new_gpa, old_gpa, guest.page_size), L1Step(finish)]
+
+    def _swap_out(self, guest: L2Guest, page: int, l1_gpa: int) -> list[Hcall]:
+        """The leaf is already cleared: flush, copy the page to a swap slot, free the page."""
+        slot = self.alloc.alloc(guest.page_size)
+        guest.swap[page] = slot
+        guest.busy.add(page)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self._free_backing(guest, page, l1_gpa)
+            self._count("pages_swapped_out")
+
+        return [self._flush_page_hcall(guest.lpid, page << guest.page_shift, guest.page_shift), CopyL1Pages(slot, l1_gpa, guest.page_size), L1Step(finish)]
+
+    def _swap_in(self, guest: L2Guest, page: int, writing: bool) -> list[Hcall]:
+        """A fault on a swapped-out page: a new page, copy the slot into it, then the leaf."""
+        slot = guest.swap.pop(page)
+        new_gpa = self._backing_for(guest, page)
+        guest.busy.add(page)
+        n_gpa = page << guest.page_shift
+        perms = self._page_perms(guest, page)
+        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        leaf_addr = self._leaf_slot(guest, n_gpa)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self.alloc.free(slot)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, pte)
+            self._count("pages_swapped_in")
+
+        return [CopyL1Pages(new_gpa, slot, guest.page_size), L1Step(finish)]
 
     # ---------------------------------------------------------------- reflected exits
     def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
@@ -429,6 +522,13 @@ class L1Hypervisor:
         page = n_gpa >> guest.page_shift
         leaf = self._read_leaf(guest, page << guest.page_shift)
         perms = self._page_perms(guest, page)
+        if leaf is None and page in guest.busy:
+            # A migration entry: the page is being copied; the fault retries after it.
+            self._count("exit.page_busy")
+            return ExitReply(ExitAction.REENTER), []
+        if leaf is None and page in guest.swap:
+            self._count("exit.swap_in")
+            return ExitReply(ExitAction.REENTER), self._swap_in(guest, page, writing and bool(perms & f.PTE_EAA_RW))
         if dsisr & f.DSISR_NOHPTE or leaf is None:
             self._count("exit.nohpte")
             self.instantiate(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
@@ -463,9 +563,11 @@ __all__ = [
     "GUEST_PAGE_SHIFTS",
     "PERM_RWX",
     "PUD_SHIFT",
+    "CopyL1Pages",
     "GuestRegion",
     "Hcall",
     "L1Hypervisor",
+    "L1Step",
     "L2Guest",
     "MemslotSpec",
     "RptInvalidate",
