@@ -117,11 +117,13 @@ class DataChecker:
         if got == 0:
             return False, "read zero: the page's contents were lost (a page move that did not copy them, or a store to a freed frame)"
         slot, seq, line = decode(got)
-        if slot != self.slot % SLOTS:
+        if 0 <= slot < SLOTS and slot != self.slot:
             return True, f"value written by vCPU slot {slot}: another vCPU's store landed on this word"
-        if line != (addr >> 6) & _LINE_MASK:
+        if 0 <= slot < SLOTS and line != (addr >> 6) & _LINE_MASK:
             return True, f"value of store #{seq} to another line: that write was misplaced onto this page (a translation to the wrong frame)"
-        if store_index >= 0 and seq < decode(value)[1]:
+        if store_index < 0:
+            return False, "the word changed though this vCPU never stored to it: its earlier contents were lost"
+        if seq < decode(value)[1]:
             return False, f"older value (store #{seq}): the store at access {store_index} was lost (stale translation, or a page copy missed it)"
         return False, "unexpected value for this word"
 

@@ -307,3 +307,42 @@ def demo_cluster(seed: int = 1, accesses: int = 20_000, config: L0Config | None 
     for i, s in enumerate(sessions):
         c.run_workload(s, WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=40 << 20), vcpu_index=i)
     return c
+
+
+def data_churn_cluster(seed: int = 1, accesses: int = 5_000, data: bool = True, batch_size: int = 256) -> InProcessCluster:
+    """Two L1s, two guests (64K and 2M pages), four vCPUs, a seeded workload cut by churn:
+    L1 unmaps (swap-out) and remaps (page migration), host migrations and host swap-outs.
+    With ``data`` the guests are data guests and the vCPUs run in data mode (checked)."""
+    c = InProcessCluster()
+    for l1_name in ("l1a", "l1b"):
+        c.add_l1(l1_name)
+    la = c.create_guest("l1a", page_shift=16, memory=64 << 20, data=data)
+    lb = c.create_guest("l1b", page_shift=21, memory=64 << 20, data=data)
+    sessions = [c.attach_vcpu("l1a", la, 0), c.attach_vcpu("l1a", la, 1), c.attach_vcpu("l1b", lb, 0), c.attach_vcpu("l1b", lb, 1)]
+    spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, batch_size=batch_size)
+    streams = [generate(spec, i) for i in range(len(sessions))]
+    ga, gb = c.l1s["l1a"].guests[la], c.l1s["l1b"].guests[lb]
+    for step, batches in enumerate(zip(*streams, strict=True)):
+        for i, (s, (addrs, kinds)) in enumerate(zip(sessions, batches, strict=True)):
+            if data:
+                c.run_data_batch(s, addrs, kinds, i)
+            else:
+                c.run_batch(s, addrs, kinds)
+        k = step % 4
+        if k == 0:
+            c.issue_all("l1a", c.l1s["l1a"].unmap_pages(la, (step * 7 % 25) << 16, 2 << 16)[1])
+            c.issue_all("l1b", c.l1s["l1b"].remap_pages(lb, (step % 8) << 21, 1 << 21)[1])
+        elif k == 1:
+            c.issue_all("l1a", c.l1s["l1a"].remap_pages(la, (step * 5 % 25) << 16, 3 << 16)[1])
+            c.issue_all("l1b", c.l1s["l1b"].unmap_pages(lb, (step % 8) << 21, 1 << 21)[1])
+        elif k == 2:
+            for g, name in ((ga, "l1a"), (gb, "l1b")):
+                if g.backing:
+                    pages = sorted(g.backing)
+                    c.host_migrate(name, g.backing[pages[step % len(pages)]])
+        else:
+            for g, name in ((ga, "l1a"), (gb, "l1b")):
+                if g.backing:
+                    pages = sorted(g.backing)
+                    c.host_unmap(name, g.backing[pages[(step * 3) % len(pages)]])
+    return c
