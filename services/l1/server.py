@@ -161,7 +161,7 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
             regions.append(GuestRegion(kind, r.n_gpa, r.size_bytes, perms))
         try:
             async with self.lock:
-                guest, hcalls = core.create_guest(request.lpid, page_shift, request.memory_bytes, regions)
+                guest, hcalls = core.create_guest(request.lpid, page_shift, request.memory_bytes, regions, data=request.data)
         except ConfigError as e:
             await abort_invalid(context, _field_of_config_error(str(e)), str(e))
             raise AssertionError("unreachable") from e  # pragma: no cover

@@ -273,6 +273,11 @@ class L1Hypervisor:
             raise ConfigError(f"L1 {self.name!r} has no L2 guest with lpid {lpid}")
         return g
 
+    def page_busy(self, lpid: int, n_gpa: int) -> bool:
+        """A data guest's page is being copied (its leaf comes back when the copy is done)."""
+        g = self.guests.get(lpid)
+        return g is not None and bool(g.busy) and (n_gpa >> g.page_shift) in g.busy
+
     def hv_guest_state(self, lpid: int, vcpu_token: int) -> HvGuestState:
         self.guest(lpid)
         return HvGuestState(version=2, lpid=lpid, vcpu_token=vcpu_token)

@@ -29,6 +29,7 @@ class WorkloadSpec:
     ifetch_fraction: float = 0.05
     batch_size: int = 1024
     trace_path: str = ""
+    data: bool = False  # data mode: stores carry values, loads are checked (see .data)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
