@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+import grpc
+
 from nestmmu.core.effects import AccessResult, Outcome
 from nestmmu.core.formats import Access
 from nestmmu.core.l0 import L0Hypervisor, L1Vm
@@ -51,6 +53,28 @@ class HostMoves:
         ev = self.events.pop((vm.name, chunk), None)
         if ev is not None:
             ev.set()
+
+    async def move(self, srv: L0Servicer, context: grpc.aio.ServicerContext, vm: L1Vm, gpa: int, migrate: bool) -> tuple[tuple[int, int, int, int], int]:
+        """HostMigrate / HostUnmap: phase one, the tlbsync, phase two.  Shielded: a client
+        that gives up does not leave the page with a migration entry (the wait for acks is
+        bounded by the ack timeout)."""
+        started: list[tuple[int, int, int, int]] = []
+
+        def phase_one() -> tuple[int, int, int, int]:
+            got = self.start(vm, gpa, migrate)
+            started.append(got)
+            return got
+
+        async def whole() -> tuple[tuple[int, int, int, int], int]:
+            try:
+                got: tuple[tuple[int, int, int, int], int] = await srv._host_op(context, phase_one, "gpa")
+                return got
+            finally:
+                # Only the call that put the migration entry there completes the move.
+                if started and started[0][1]:
+                    self.finish(vm, started[0][3])
+
+        return await asyncio.shield(asyncio.ensure_future(whole()))
 
     async def wait(self, vm: L1Vm, chunk: int) -> None:
         ev = self.events.get((vm.name, chunk))

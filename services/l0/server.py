@@ -658,14 +658,12 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
 
     async def HostUnmap(self, request: l0_pb2.HostUnmapRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostUnmapResponse:
         vm = await self._vm(context, request.l1_name)
-        (_, _, _, chunk), n = await self._host_op(context, lambda: self.moves.start(vm, request.gpa, migrate=False), "gpa")
-        self.moves.finish(vm, chunk)  # after the tlbsync: swap the contents out, free the frame
+        _, n = await self.moves.move(self, context, vm, request.gpa, migrate=False)  # swap-out after the tlbsync
         return l0_pb2.HostUnmapResponse(invalidations=n)
 
     async def HostMigrate(self, request: l0_pb2.HostMigrateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostMigrateResponse:
         vm = await self._vm(context, request.l1_name)
-        (_, old, new, chunk), n = await self._host_op(context, lambda: self.moves.start(vm, request.gpa, migrate=True), "gpa")
-        self.moves.finish(vm, chunk)  # after the tlbsync: copy the frame, switch the backing
+        (_, old, new, _), n = await self.moves.move(self, context, vm, request.gpa, migrate=True)  # copy after the tlbsync
         return l0_pb2.HostMigrateResponse(old_host_address=old, new_host_address=new, invalidations=n)
 
     async def SetDirtyLogging(self, request: l0_pb2.SetDirtyLoggingRequest, context: grpc.aio.ServicerContext) -> l0_pb2.SetDirtyLoggingResponse:
