@@ -12,7 +12,9 @@ import struct
 import pytest
 from conftest import GuestRig
 
+from nestmmu.core import formats as f
 from nestmmu.core.data import DataChecker, encode, private_word
+from nestmmu.core.effects import ExitAction, NestedExit, Outcome, WaitHostPage, run_sync
 from nestmmu.core.formats import Access, H
 from nestmmu.core.l0 import L0Hypervisor
 from nestmmu.core.l1 import CopyL1Pages, L1Step
@@ -242,3 +244,44 @@ def test_copying_before_the_tlbsync_would_lose_a_write(data_rig: GuestRig) -> No
     data_rig.cluster.deliver(data_rig.cluster.l0.take_invalidations())
     run(data_rig, [(8 * PAGE, LOAD)])
     assert counters(data_rig)["lost_writes"] == 1
+
+
+def test_a_fault_on_a_page_being_moved_waits_for_the_move(data_rig: GuestRig) -> None:
+    """Between the two phases of a host migration the page has a migration entry: a nested
+    fault on it yields WaitHostPage; once the move finished the retry maps the new frame."""
+    c = data_rig.cluster
+    run(data_rig, [(PAGE, STORE)])
+    l1_gpa = data_rig.l1.guests[data_rig.lpid].backing[1]
+    _, old, new, chunk = c.l0.host_invalidate_start(data_rig.vm, l1_gpa, migrate=True)
+    c.deliver(c.l0.take_invalidations())
+    waited: list[int] = []
+
+    def answer(eff: object) -> object:
+        if isinstance(eff, WaitHostPage):
+            waited.append(eff.chunk)
+            c.l0.host_invalidate_finish(data_rig.vm, eff.chunk)  # the move completes meanwhile
+            return None
+        return c.answer(eff)  # type: ignore[arg-type]
+
+    res = run_sync(c.l0.run_access(data_rig.session.gp, 0, PAGE, Access.LOAD), answer)
+    assert waited == [chunk]
+    assert res.outcome is Outcome.FILL and res.translation is not None
+    assert res.translation.host & ~((1 << 21) - 1) == new != old
+    assert c.l0.stats["host_page_moving_retry"] == 1
+
+
+def test_l1_fault_on_a_page_it_is_copying_waits(data_rig: GuestRig) -> None:
+    """While L1 copies a page (remap), the leaf is a migration entry: an exit on it re-enters
+    without instantiating anything (the service waits for the copy first)."""
+    run(data_rig, [(3 * PAGE, STORE)])
+    _, hcalls = data_rig.l1.remap_pages(data_rig.lpid, 3 * PAGE, PAGE)
+    assert data_rig.l1.page_busy(data_rig.lpid, 3 * PAGE + 0x10)
+    ex = NestedExit(f.BOOK3S_INTERRUPT_H_DATA_STORAGE, 3 * PAGE, f.DSISR_NOHPTE, 3 * PAGE, Access.LOAD)
+    reply, more = data_rig.l1.handle_exit(data_rig.lpid, 0, ex)
+    assert reply.action is ExitAction.REENTER and more == []
+    assert data_rig.l1.guests[data_rig.lpid].tree.lookup_leaf(3 * PAGE) is None
+    assert data_rig.l1.stats["exit.page_busy"] == 1
+    data_rig.cluster.issue_all("a", hcalls)
+    assert not data_rig.l1.page_busy(data_rig.lpid, 3 * PAGE)
+    run(data_rig, [(3 * PAGE, LOAD)])
+    assert counters(data_rig)["lost_writes"] == 0 and counters(data_rig)["data_loads_checked"] == 1
