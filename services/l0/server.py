@@ -492,7 +492,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
 
     async def CopyL1Memory(self, request: l0_pb2.CopyL1MemoryRequest, context: grpc.aio.ServicerContext) -> l0_pb2.CopyL1MemoryResponse:
         s = await self._session(context)
-        return l0_pb2.CopyL1MemoryResponse(hcall_rc=self.core.l1_copy_memory(s.vm, request.dst_gpa, request.src_gpa, request.length))
+        r, core = request, self.core
+        rc = core.l1_zero_memory(s.vm, r.dst_gpa, r.length) if r.zero else core.l1_copy_memory(s.vm, r.dst_gpa, r.src_gpa, r.length)
+        return l0_pb2.CopyL1MemoryResponse(hcall_rc=rc)
 
     # ================================================================ vCPU run streams
     async def Run(self, request_iterator: AsyncIterator[l0_pb2.RunRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.RunResponse]:

@@ -359,7 +359,8 @@ class L0Session:
                 rc = r2.hcall_rc
             elif isinstance(h, CopyL1Pages):
                 self.stats["hcall.copy_l1_memory"] += 1
-                r4 = await stub.CopyL1Memory(l0_pb2.CopyL1MemoryRequest(dst_gpa=h.dst, src_gpa=h.src, length=h.length), timeout=RPC_DEADLINE, metadata=md)
+                req = l0_pb2.CopyL1MemoryRequest(dst_gpa=h.dst, src_gpa=h.src, length=h.length, zero=h.zero)
+                r4 = await stub.CopyL1Memory(req, timeout=RPC_DEADLINE, metadata=md)
                 rc = r4.hcall_rc
             elif isinstance(h, L1Step):
                 async with self.lock:  # L1's own work on its core (install a leaf, free a page)

@@ -179,7 +179,7 @@ class RunStream:
     async def _run_data(self, spec: WorkloadSpec, vcpu_index: int) -> None:
         """Data mode: each message is a run of TLB hits (with the host address translated)
         ended by at most one miss; one message in flight (see nestmmu.core.data)."""
-        dv = self.data = DataVcpu(self.vcpu, vcpu_index)
+        dv = self.data = DataVcpu(self.vcpu, vcpu_index, initial_zero=spec.data_fresh)
         for addrs, kinds in generate(spec, vcpu_index):
             start = 0
             while start < len(addrs):

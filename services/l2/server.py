@@ -10,6 +10,7 @@ error: only malformed requests and an unreachable L1 are.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -54,6 +55,7 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         batch_size=w.batch_size or d.batch_size,
         trace_path=w.trace_path,
         data=w.data,
+        data_fresh=w.data_fresh,
     )
 
 
@@ -156,6 +158,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             page = 1 << page_shift
             memory = (spec.base + spec.footprint + page - 1) // page * page
             lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory, spec.data)
+            spec = dataclasses.replace(spec, data_fresh=spec.data)
             if rc != f.H.SUCCESS:
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
         log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed)

@@ -251,6 +251,7 @@ async def run_default_workload(
                             ifetch_fraction=0.05,
                             batch_size=1024,
                             data=data,
+                            data_fresh=data,  # the guests were created just above
                         ),
                     ),
                     timeout=600.0,

@@ -220,6 +220,28 @@ def test_churn_checker_sees_losses_when_a_copy_is_skipped(broken: str, monkeypat
     assert c.data_counters()["lost_writes"] > 0
 
 
+@pytest.mark.parametrize("clear", [True, False])
+def test_a_reused_l1_page_is_cleared_for_a_data_guest(clear: bool, cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """L1 frees page A's backing (swap-out) and hands the same L1 page to page B: B must read
+    zeros (clear_page), or the checker names A's store misplaced onto B."""
+    if not clear:
+        monkeypatch.setattr(L0Hypervisor, "l1_zero_memory", lambda self, vm, dst, n: H.SUCCESS)
+    lpid = cluster.create_guest("a", page_shift=16, data=True)
+    rig = GuestRig(cluster, cluster.l1s["a"], cluster.vms["a"], lpid, cluster.attach_vcpu("a", lpid, 0))
+    cluster.data_vcpu(rig.session, 0, fresh=True)
+    run(rig, [(2 * PAGE + 0x40, STORE)])
+    a_backing = rig.l1.guests[lpid].backing[2]
+    cluster.issue_all("a", rig.l1.unmap_pages(lpid, 2 * PAGE, PAGE)[1])
+    run(rig, [(5 * PAGE + 0x40, LOAD)])
+    assert rig.l1.guests[lpid].backing[5] == a_backing  # the allocator reused A's page
+    d = counters(rig)
+    if clear:
+        assert d["misplaced_writes"] == 0 and d["data_loads_checked"] == 1
+    else:
+        assert d["misplaced_writes"] == 1
+        assert "misplaced" in str(cluster.lost_write_details()[0]["why"])
+
+
 def test_same_seed_same_data_counters() -> None:
     a, b = data_churn_cluster(seed=9, accesses=2_000), data_churn_cluster(seed=9, accesses=2_000)
     assert a.data_counters() == b.data_counters() and a.counters() == b.counters()

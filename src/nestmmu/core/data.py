@@ -18,7 +18,8 @@ The checker: each vCPU uses its own 8-byte word in every 64-byte line (``slot`` 
 modulo 8), so "the last value stored at that L2 address" is well defined however vCPUs
 interleave.  Each store writes a value unique to (slot, sequence number, line); each load must
 return the last value this vCPU stored there, or, for a word it has not stored yet in this
-run, the same value as its first load (the word's contents before the run).
+run, zero on a fresh guest (``initial_zero``), else the same value as its first load (the
+word's contents before the run).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class DataChecker:
 
     slot: int
     max_details: int = 8
+    initial_zero: bool = False  # a fresh guest: a word never stored reads zero
     expected: dict[int, tuple[int, int]] = field(default_factory=dict)  # addr -> (value, index)
     stats: Counter[str] = field(default_factory=Counter)
     details: list[LostWrite] = field(default_factory=list)
@@ -97,6 +99,8 @@ class DataChecker:
 
     def loaded(self, index: int, addr: int, got: int) -> None:
         exp = self.expected.get(addr)
+        if exp is None and self.initial_zero:
+            exp = (0, -1)
         if exp is None:
             # Never stored in this run: whatever was there before is the baseline.
             self.expected[addr] = (got, -1)
@@ -121,6 +125,8 @@ class DataChecker:
             return True, f"value written by vCPU slot {slot}: another vCPU's store landed on this word"
         if 0 <= slot < SLOTS and line != (addr >> 6) & _LINE_MASK:
             return True, f"value of store #{seq} to another line: that write was misplaced onto this page (a translation to the wrong frame)"
+        if store_index < 0 and value == 0 and self.initial_zero:
+            return True, "a word this vCPU never stored is not zero: a write landed on the wrong page"
         if store_index < 0:
             return False, "the word changed though this vCPU never stored to it: its earlier contents were lost"
         if seq < decode(value)[1]:
@@ -146,10 +152,10 @@ class DataMessage:
 class DataVcpu:
     """The data path of one vCPU: builds messages from its TLB and checks what comes back."""
 
-    def __init__(self, vcpu: Vcpu, slot: int, max_details: int = 8) -> None:
+    def __init__(self, vcpu: Vcpu, slot: int, max_details: int = 8, initial_zero: bool = False) -> None:
         self.vcpu = vcpu
         self.slot = slot % SLOTS
-        self.checker = DataChecker(self.slot, max_details)
+        self.checker = DataChecker(self.slot, max_details, initial_zero)
         self.index = 0  # accesses consumed so far (the stream index of the next one)
 
     def message(self, addrs: list[int], kinds: list[int], start: int) -> DataMessage:

@@ -409,6 +409,21 @@ class L0Hypervisor:
         self.stats["l1_bytes_copied"] += length
         return H.SUCCESS
 
+    def l1_zero_memory(self, vm: L1Vm, dst: int, length: int) -> int:
+        """L1 clears pages of its own memory (clear_page of a page it hands to an L2)."""
+        if length <= 0 or (dst | length) & 0xFFF:
+            return H.PARAMETER
+        off = 0
+        while off < length:
+            d = self.l1_frame(vm, dst + off, writing=True)
+            if d is None:
+                return H.PARAMETER
+            step = min(length - off, self._host_room(vm, dst + off))
+            self.mem.zero(d, step)
+            off += step
+        self.stats["l1_bytes_zeroed"] += length
+        return H.SUCCESS
+
     def _host_room(self, vm: L1Vm, gpa: int) -> int:
         memslot = vm.memslot_for(gpa)
         assert memslot is not None

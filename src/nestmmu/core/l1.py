@@ -61,6 +61,7 @@ class CopyL1Pages:
     dst: int
     src: int
     length: int
+    zero: bool = False  # clear dst instead (clear_page: a fresh page for a data guest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +387,7 @@ class L1Hypervisor:
                 if page in guest.swap:
                     hcalls += self._swap_in(guest, page, writing=False)
                 else:
-                    self.instantiate(guest, page << guest.page_shift, writing=False)
+                    hcalls += self._fault_in(guest, page << guest.page_shift, writing=False)
                 n += 1
         return n, hcalls
 
@@ -475,6 +476,28 @@ class L1Hypervisor:
 
         return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift), CopyL1Pages(new_gpa, old_gpa, guest.page_size), L1Step(finish)]
 
+    def _fault_in(self, guest: L2Guest, n_gpa: int, writing: bool) -> list[Hcall]:
+        """instantiate, except that a data guest's brand-new page is cleared first (the page
+        L1 hands out may have held another page's bytes): clear it, then the leaf."""
+        page = n_gpa >> guest.page_shift
+        r = guest.region_at(page << guest.page_shift)
+        if not guest.data or page in guest.backing or (r is not None and r.kind != "protect"):
+            self.instantiate(guest, n_gpa, writing)
+            return []
+        new_gpa = self._backing_for(guest, page)
+        guest.busy.add(page)
+        perms = self._page_perms(guest, page)
+        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        leaf_addr = self._leaf_slot(guest, page << guest.page_shift)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, pte)
+                self._count("leaves_instantiated")
+
+        return [CopyL1Pages(new_gpa, 0, guest.page_size, zero=True), L1Step(finish)]
+
     def _swap_out(self, guest: L2Guest, page: int, l1_gpa: int) -> list[Hcall]:
         """The leaf is already cleared: flush, copy the page to a swap slot, free the page."""
         slot = self.alloc.alloc(guest.page_size)
@@ -536,8 +559,7 @@ class L1Hypervisor:
             return ExitReply(ExitAction.REENTER), self._swap_in(guest, page, writing and bool(perms & f.PTE_EAA_RW))
         if dsisr & f.DSISR_NOHPTE or leaf is None:
             self._count("exit.nohpte")
-            self.instantiate(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
-            return ExitReply(ExitAction.REENTER), []
+            return ExitReply(ExitAction.REENTER), self._fault_in(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
         pte = leaf[1]
         if dsisr & (f.DSISR_PROTFAULT | f.DSISR_NOEXEC_OR_G):
             allowed = _allows(pte, ex.access)

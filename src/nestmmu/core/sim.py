@@ -137,7 +137,7 @@ class InProcessCluster:
         elif isinstance(h, RptInvalidate):
             rc = self.drive(l0.h_rpt_invalidate(vm, h.id, h.target, h.type, h.pg_sizes, h.start, h.end))
         elif isinstance(h, CopyL1Pages):
-            rc = l0.l1_copy_memory(vm, h.dst, h.src, h.length)
+            rc = l0.l1_zero_memory(vm, h.dst, h.length) if h.zero else l0.l1_copy_memory(vm, h.dst, h.src, h.length)
         elif isinstance(h, L1Step):
             h.run()
             rc = f.H.SUCCESS
@@ -214,9 +214,10 @@ class InProcessCluster:
         return s.vcpu.stats
 
     # ---------------------------------------------------------------- data mode
-    def data_vcpu(self, s: VcpuSession, vcpu_index: int = 0) -> DataVcpu:
+    def data_vcpu(self, s: VcpuSession, vcpu_index: int = 0, fresh: bool = False) -> DataVcpu:
+        """The vCPU's data path; ``fresh``: the guest is new, so unwritten words must read 0."""
         if s.data is None:
-            s.data = DataVcpu(s.vcpu, vcpu_index)
+            s.data = DataVcpu(s.vcpu, vcpu_index, initial_zero=fresh)
         return s.data
 
     def run_data_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int], vcpu_index: int = 0) -> None:
@@ -321,6 +322,9 @@ def data_churn_cluster(seed: int = 1, accesses: int = 5_000, data: bool = True, 
     sessions = [c.attach_vcpu("l1a", la, 0), c.attach_vcpu("l1a", la, 1), c.attach_vcpu("l1b", lb, 0), c.attach_vcpu("l1b", lb, 1)]
     spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, batch_size=batch_size)
     streams = [generate(spec, i) for i in range(len(sessions))]
+    if data:
+        for i, s in enumerate(sessions):
+            c.data_vcpu(s, i, fresh=True)
     ga, gb = c.l1s["l1a"].guests[la], c.l1s["l1b"].guests[lb]
     for step, batches in enumerate(zip(*streams, strict=True)):
         for i, (s, (addrs, kinds)) in enumerate(zip(sessions, batches, strict=True)):
