@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from nestmmu import cluster
-from nestmmu.protos import l0_pb2, l0_pb2_grpc
+from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 
 pytestmark = [pytest.mark.integration]
 
@@ -58,3 +58,39 @@ def test_copy_l1_memory_needs_an_l1_session(lc: cluster.LocalCluster) -> None:
         return grpc.StatusCode.OK
 
     assert asyncio.run(go()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_raw_data_batches_store_then_hit_load_and_bad_batch_is_refused(lc: cluster.LocalCluster) -> None:
+    """The wire protocol by hand: a miss store (L0 translates and writes), a hit load at the
+    host address the fill gave (L0 reads it back), then a batch with too few values."""
+
+    async def go() -> tuple[list[l0_pb2.AccessResults], list[l0_pb2.AccessResults], grpc.aio.AioRpcError | None]:
+        addr = 0x30040
+        async with grpc.aio.insecure_channel(lc.l0) as ch0, grpc.aio.insecure_channel(lc.l1s["l1a"]) as ch1:
+            l1 = l1_pb2_grpc.L1ServiceStub(ch1)
+            g = await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20, data=True), timeout=30)
+            a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=g.lpid, vcpu_id=0), timeout=30)
+            v = cluster.RawVcpu(l0_pb2_grpc.L0ServiceStub(ch0), a.run_token)
+            try:
+                await asyncio.wait_for(v.attached, 10)
+                batch = l0_pb2.AccessBatch(batch_id=1, addresses=[addr], kinds=bytes([2]), data=True, values=[0xFEED], host_addresses=[0])
+                v.q.put_nowait(l0_pb2.RunRequest(batch=batch))
+                first = await asyncio.wait_for(v.done.get(), 10)
+                fill = next(p for p in first if p.outcomes)
+                host = fill.host_addresses[0] + (addr - fill.page_addresses[0])
+                batch = l0_pb2.AccessBatch(batch_id=2, addresses=[addr], kinds=bytes([1]), data=True, values=[0], host_addresses=[host])
+                v.q.put_nowait(l0_pb2.RunRequest(batch=batch))
+                second = await asyncio.wait_for(v.done.get(), 10)
+                bad = l0_pb2.AccessBatch(batch_id=3, addresses=[addr, addr], kinds=bytes([1, 1]), data=True, values=[0], host_addresses=[host, 0])
+                v.q.put_nowait(l0_pb2.RunRequest(batch=bad))
+                await asyncio.wait_for(v.task, 10)
+                return first, second, v.error
+            finally:
+                await v.close()
+                await l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=g.lpid), timeout=30)
+
+    first, second, err = asyncio.run(go())
+    assert first[-1].batch_done and bytes(first[-1].data_done) == b"\x01"
+    assert list(second[-1].data_loaded) == [0xFEED] and bytes(second[-1].data_done) == b"\x01"
+    assert not any(p.outcomes for p in second)  # a hit: no translation work in L0
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT and "values" in (err.details() or "")
