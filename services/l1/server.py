@@ -21,7 +21,7 @@ from nestmmu.core.l1 import GUEST_PAGE_SHIFTS, PERM_RWX, GuestRegion, Hcall, L1H
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
-from .session import L0Session, L0Unavailable, walk_to_proto
+from .session import L0Session, L0Unavailable, run_remaining_steps, walk_to_proto
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -119,13 +119,19 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
     async def _issue(self, context: Ctx, hcalls: list[Hcall]) -> int:
         """Issue hcalls in order; the first non-zero H_* code, else H_SUCCESS."""
         first = 0
+        done = 0
         try:
             for h in hcalls:
                 rc = await self.session.hcall(h)
+                done += 1
                 if rc and not first:
                     first = rc
         except L0Unavailable as e:
+            run_remaining_steps(hcalls, done)
             await self._unavailable(context, e)
+        except BaseException:
+            run_remaining_steps(hcalls, done)
+            raise
         return first
 
     async def _check_range(self, context: Ctx, g: L2Guest, n_gpa: int, length: int) -> None:

@@ -49,6 +49,15 @@ BUSY_WAIT_MAX = 2.0
 
 
 
+def run_remaining_steps(hcalls: list[Hcall], done: int) -> None:
+    """The hcall list stopped at ``done`` (L0 gone, caller cancelled): still run L1's own steps
+    after it, so no data-guest page is left busy without a leaf (its copy may be missing:
+    the data checker reports that as lost, which it is)."""
+    for h in hcalls[done:]:
+        if isinstance(h, L1Step):
+            h.run()
+
+
 class L0Unavailable(Exception):
     """L1 has no live session with L0 (not yet registered, or L0 went away)."""
 
@@ -291,8 +300,14 @@ class L0Session:
                 action=reply.action.value,
                 hcalls=len(hcalls),
             )
-            for h in hcalls:
-                await self._hcall(stream, h, rid)
+            done = 0
+            try:
+                for h in hcalls:
+                    await self._hcall(stream, h, rid)
+                    done += 1
+            except BaseException:
+                run_remaining_steps(hcalls, done)
+                raise
             stream.send(
                 l0_pb2.L1Reply(
                     call_id=c.call_id,

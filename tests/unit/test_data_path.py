@@ -307,3 +307,16 @@ def test_l1_fault_on_a_page_it_is_copying_waits(data_rig: GuestRig) -> None:
     assert not data_rig.l1.page_busy(data_rig.lpid, 3 * PAGE)
     run(data_rig, [(3 * PAGE, LOAD)])
     assert counters(data_rig)["lost_writes"] == 0 and counters(data_rig)["data_loads_checked"] == 1
+
+
+def test_l1_steps_run_once_so_a_failed_hcall_list_can_still_finish(data_rig: GuestRig) -> None:
+    """When L0 goes away mid-list, the L1 service still runs the L1Steps (no page left busy);
+    running one twice (retry after an error) must not free a page twice."""
+    run(data_rig, [(4 * PAGE, STORE)])
+    _, hcalls = data_rig.l1.remap_pages(data_rig.lpid, 4 * PAGE, PAGE)
+    step = hcalls[-1]
+    assert isinstance(step, L1Step)
+    step.run()
+    step.run()
+    assert not data_rig.l1.page_busy(data_rig.lpid, 4 * PAGE)
+    assert data_rig.l1.guests[data_rig.lpid].tree.lookup_leaf(4 * PAGE) is not None

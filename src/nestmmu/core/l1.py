@@ -474,7 +474,7 @@ class L1Hypervisor:
                 self.mem.write_u64(leaf_addr, new_pte)
             self._count("pages_migrated")
 
-        return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift), CopyL1Pages(new_gpa, old_gpa, guest.page_size), L1Step(finish)]
+        return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift), CopyL1Pages(new_gpa, old_gpa, guest.page_size), L1Step(_once(finish))]
 
     def _fault_in(self, guest: L2Guest, n_gpa: int, writing: bool) -> list[Hcall]:
         """instantiate, except that a data guest's brand-new page is cleared first (the page
@@ -496,7 +496,7 @@ class L1Hypervisor:
                 self.mem.write_u64(leaf_addr, pte)
                 self._count("leaves_instantiated")
 
-        return [CopyL1Pages(new_gpa, 0, guest.page_size, zero=True), L1Step(finish)]
+        return [CopyL1Pages(new_gpa, 0, guest.page_size, zero=True), L1Step(_once(finish))]
 
     def _swap_out(self, guest: L2Guest, page: int, l1_gpa: int) -> list[Hcall]:
         """The leaf is already cleared: flush, copy the page to a swap slot, free the page."""
@@ -509,7 +509,11 @@ class L1Hypervisor:
             self._free_backing(guest, page, l1_gpa)
             self._count("pages_swapped_out")
 
-        return [self._flush_page_hcall(guest.lpid, page << guest.page_shift, guest.page_shift), CopyL1Pages(slot, l1_gpa, guest.page_size), L1Step(finish)]
+        return [
+            self._flush_page_hcall(guest.lpid, page << guest.page_shift, guest.page_shift),
+            CopyL1Pages(slot, l1_gpa, guest.page_size),
+            L1Step(_once(finish)),
+        ]
 
     def _swap_in(self, guest: L2Guest, page: int, writing: bool) -> list[Hcall]:
         """A fault on a swapped-out page: a new page, copy the slot into it, then the leaf."""
@@ -528,7 +532,7 @@ class L1Hypervisor:
                 self.mem.write_u64(leaf_addr, pte)
             self._count("pages_swapped_in")
 
-        return [CopyL1Pages(new_gpa, slot, guest.page_size), L1Step(finish)]
+        return [CopyL1Pages(new_gpa, slot, guest.page_size), L1Step(_once(finish))]
 
     # ---------------------------------------------------------------- reflected exits
     def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
@@ -576,6 +580,18 @@ class L1Hypervisor:
             return ExitReply(ExitAction.REENTER), []
         self._count("exit.other")
         return ExitReply(ExitAction.REENTER), []
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """An L1Step body that does its work at most once, however often a driver calls it."""
+    ran: list[bool] = []
+
+    def run() -> None:
+        if not ran:
+            ran.append(True)
+            fn()
+
+    return run
 
 
 def _allows(pte: int, access: Access) -> bool:
