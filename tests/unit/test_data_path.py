@@ -320,3 +320,13 @@ def test_l1_steps_run_once_so_a_failed_hcall_list_can_still_finish(data_rig: Gue
     step.run()
     assert not data_rig.l1.page_busy(data_rig.lpid, 4 * PAGE)
     assert data_rig.l1.guests[data_rig.lpid].tree.lookup_leaf(4 * PAGE) is not None
+
+
+def test_audit_counts_the_frames_of_a_page_mid_move(data_rig: GuestRig) -> None:
+    run(data_rig, [(PAGE, STORE)])
+    c = data_rig.cluster
+    _, _, _, chunk = c.l0.host_invalidate_start(data_rig.vm, data_rig.l1.guests[data_rig.lpid].backing[1], migrate=True)
+    c.deliver(c.l0.take_invalidations())
+    assert c.audit().ok, c.audit().violations
+    c.l0.host_invalidate_finish(data_rig.vm, chunk)
+    assert c.audit().ok
