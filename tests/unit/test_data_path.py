@@ -330,3 +330,14 @@ def test_audit_counts_the_frames_of_a_page_mid_move(data_rig: GuestRig) -> None:
     assert c.audit().ok, c.audit().violations
     c.l0.host_invalidate_finish(data_rig.vm, chunk)
     assert c.audit().ok
+
+
+def test_l1_copies_dirty_the_destination_while_dirty_logging(data_rig: GuestRig) -> None:
+    run(data_rig, [(PAGE, STORE)])
+    c = data_rig.cluster
+    c.l0.set_dirty_logging(data_rig.vm, 0, True)
+    c.deliver(c.l0.take_invalidations())
+    _, hcalls = data_rig.l1.remap_pages(data_rig.lpid, PAGE, PAGE)
+    c.issue_all("a", hcalls)
+    new = data_rig.l1.guests[data_rig.lpid].backing[1]
+    assert new in c.l0.harvest_dirty(data_rig.vm, 0)

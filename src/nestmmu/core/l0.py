@@ -389,6 +389,9 @@ class L0Hypervisor:
         chunk = gpa & ~((1 << shift) - 1)
         moving = vm.moving.get(chunk)
         hpa = moving[0] if moving is not None else self.host_faultin(vm, memslot, gpa)[0]
+        if writing and memslot.dirty_logging:
+            # L1's own store dirties the page as its CPU would (C in L0's PTE for it).
+            self._mark_dirty(memslot, gpa & ~(self.page_size - 1), self.page_size)
         return hpa + (gpa - chunk)
 
     def l1_copy_memory(self, vm: L1Vm, dst: int, src: int, length: int) -> int:
