@@ -55,6 +55,7 @@ from nestmmu.core.effects import (
     ReflectExit,
     ReleaseTlbLock,
     Scope,
+    WaitHostPage,
     WalkL1Tree,
     WriteL1Memory,
 )
@@ -67,6 +68,7 @@ from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0
 from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB, fill_flags
 
 from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever, start_metrics
+from . import data as data_mode
 
 log = structlog.get_logger("l0")
 
@@ -184,6 +186,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         self.next_inv = 1
         self.stats: Counter[str] = Counter()
         self.latencies_us: list[float] = []
+        self.moves = data_mode.HostMoves(core)
 
     # ================================================================ effects
     def _lock(self, gp: KvmNestedGuest) -> asyncio.Lock:
@@ -244,6 +247,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             held.remove(lock)
             return None
         if isinstance(eff, Preempt):
+            return None
+        if isinstance(eff, WaitHostPage):
+            await self.moves.wait(eff.l1, eff.chunk)
             return None
         raise TypeError(f"unknown effect {eff!r}")
 
@@ -486,6 +492,12 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         rc = await self._hcall(context, self.core.h_copy_tofrom_guest(s.vm, r.lpid, r.pid, r.eaddr, r.to_gpa, r.from_gpa, r.length))
         return l0_pb2.CopyToFromGuestResponse(hcall_rc=rc)
 
+    async def CopyL1Memory(self, request: l0_pb2.CopyL1MemoryRequest, context: grpc.aio.ServicerContext) -> l0_pb2.CopyL1MemoryResponse:
+        s = await self._session(context)
+        r, core = request, self.core
+        rc = core.l1_zero_memory(s.vm, r.dst_gpa, r.length) if r.zero else core.l1_copy_memory(s.vm, r.dst_gpa, r.src_gpa, r.length)
+        return l0_pb2.CopyL1MemoryResponse(hcall_rc=rc)
+
     # ================================================================ vCPU run streams
     async def Run(self, request_iterator: AsyncIterator[l0_pb2.RunRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.RunResponse]:
         it = request_iterator.__aiter__()
@@ -574,6 +586,15 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
                 request_id_var.set(rid)
                 structlog.contextvars.bind_contextvars(request_id=rid)
                 st.batch_id = b.batch_id
+                if b.data:
+                    err = data_mode.check_data_batch(b)
+                    if err:
+                        st.close(err)
+                        break
+                    self.stats["accesses"] += await data_mode.run_data_batch(self, st, b)
+                    self.stats["batches"] += 1
+                    structlog.contextvars.unbind_contextvars("request_id")
+                    continue
                 gp = st.gp
                 vcpu_id = st.vcpu_id
                 n = 0
@@ -646,12 +667,12 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
 
     async def HostUnmap(self, request: l0_pb2.HostUnmapRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostUnmapResponse:
         vm = await self._vm(context, request.l1_name)
-        _, n = await self._host_op(context, lambda: self.core.host_unmap(vm, request.gpa), "gpa")
+        _, n = await self.moves.move(self, context, vm, request.gpa, migrate=False)  # swap-out after the tlbsync
         return l0_pb2.HostUnmapResponse(invalidations=n)
 
     async def HostMigrate(self, request: l0_pb2.HostMigrateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.HostMigrateResponse:
         vm = await self._vm(context, request.l1_name)
-        (_, old, new), n = await self._host_op(context, lambda: self.core.host_migrate(vm, request.gpa), "gpa")
+        (_, old, new, _), n = await self.moves.move(self, context, vm, request.gpa, migrate=True)  # copy after the tlbsync
         return l0_pb2.HostMigrateResponse(old_host_address=old, new_host_address=new, invalidations=n)
 
     async def SetDirtyLogging(self, request: l0_pb2.SetDirtyLoggingRequest, context: grpc.aio.ServicerContext) -> l0_pb2.SetDirtyLoggingResponse:

@@ -22,7 +22,7 @@ from nestmmu.limits import MAX_GUEST_REGIONS, MAX_TREE_OP_PAGES
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
-from .session import L0Session, L0Unavailable, walk_to_proto
+from .session import L0Session, L0Unavailable, run_remaining_steps, walk_to_proto
 from .treeops import GuestGone, MakeChunks, TreeOps
 
 if TYPE_CHECKING:
@@ -122,13 +122,19 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
     async def _issue(self, context: Ctx, hcalls: list[Hcall]) -> int:
         """Issue hcalls in order; the first non-zero H_* code, else H_SUCCESS."""
         first = 0
+        done = 0
         try:
             for h in hcalls:
                 rc = await self.session.hcall(h)
+                done += 1
                 if rc and not first:
                     first = rc
         except L0Unavailable as e:
+            run_remaining_steps(hcalls, done)
             await self._unavailable(context, e)
+        except BaseException:
+            run_remaining_steps(hcalls, done)
+            raise
         return first
 
     async def _check_range(self, context: Ctx, g: L2Guest, n_gpa: int, length: int) -> None:
@@ -173,7 +179,7 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
             regions.append(GuestRegion(kind, r.n_gpa, r.size_bytes, perms))
         try:
             async with self.lock:
-                guest, hcalls = core.create_guest(request.lpid, page_shift, request.memory_bytes, regions)
+                guest, hcalls = core.create_guest(request.lpid, page_shift, request.memory_bytes, regions, data=request.data)
         except ConfigError as e:
             await abort_invalid(context, _field_of_config_error(str(e)), str(e))
             raise AssertionError("unreachable") from e  # pragma: no cover

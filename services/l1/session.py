@@ -31,7 +31,7 @@ import structlog
 from nestmmu.core import formats as f
 from nestmmu.core.effects import NestedExit
 from nestmmu.core.formats import Access
-from nestmmu.core.l1 import Hcall, L1Hypervisor, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
+from nestmmu.core.l1 import CopyL1Pages, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
 from nestmmu.core.radix import WalkResult
 from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import EXIT_TO_PB
@@ -43,7 +43,19 @@ log = structlog.get_logger("l1.session")
 #: Reconnect backoff: first delay, factor, ceiling (seconds).
 BACKOFF_START = 0.1
 BACKOFF_MAX = 2.0
+#: A fault on a data guest's page that L1 is copying waits for the copy, polling (seconds).
+BUSY_POLL = 0.002
+BUSY_WAIT_MAX = 2.0
 
+
+
+def run_remaining_steps(hcalls: list[Hcall], done: int) -> None:
+    """The hcall list stopped at ``done`` (L0 gone, caller cancelled): still run L1's own steps
+    after it, so no data-guest page is left busy without a leaf (its copy may be missing:
+    the data checker reports that as lost, which it is)."""
+    for h in hcalls[done:]:
+        if isinstance(h, L1Step):
+            h.run()
 
 
 class L0Unavailable(Exception):
@@ -274,6 +286,7 @@ class L0Session:
         try:
             access = Access(e.access) if e.access in (1, 2, 3) else Access.LOAD
             ex = NestedExit(trap=e.trap, hdar=e.hdar, hdsisr=e.hdsisr, asdr=e.asdr, access=access)
+            await self._wait_page_not_busy(core, e.l1_lpid, e.asdr)
             async with self.lock:
                 reply, hcalls = core.handle_exit(e.l1_lpid, e.vcpu_id, ex)
             self.stats["exits_handled"] += 1
@@ -287,8 +300,14 @@ class L0Session:
                 action=reply.action.value,
                 hcalls=len(hcalls),
             )
-            for h in hcalls:
-                await self._hcall(stream, h, rid)
+            done = 0
+            try:
+                for h in hcalls:
+                    await self._hcall(stream, h, rid)
+                    done += 1
+            except BaseException:
+                run_remaining_steps(hcalls, done)
+                raise
             stream.send(
                 l0_pb2.L1Reply(
                     call_id=c.call_id,
@@ -300,6 +319,16 @@ class L0Session:
         except Exception as err:
             log.error("exit_failed", call_id=c.call_id, error=repr(err))
             stream.send(l0_pb2.L1Reply(call_id=c.call_id, error=f"L1 failed to handle the exit: {err!r}"))
+
+    async def _wait_page_not_busy(self, core: L1Hypervisor, lpid: int, n_gpa: int) -> None:
+        """migration_entry_wait: a data guest's page L1 is copying has no leaf until the
+        copy is done; the fault waits for it instead of bouncing back to L0."""
+        waited = 0.0
+        while core.page_busy(lpid, n_gpa) and waited < BUSY_WAIT_MAX:
+            await asyncio.sleep(BUSY_POLL)
+            waited += BUSY_POLL
+        if waited:
+            self.stats["exit_waited_busy_page"] += 1
 
     # ------------------------------------------------------------------ hcalls
     async def hcall(self, h: Hcall) -> int:
@@ -343,6 +372,15 @@ class L0Session:
                     metadata=md,
                 )
                 rc = r2.hcall_rc
+            elif isinstance(h, CopyL1Pages):
+                self.stats["hcall.copy_l1_memory"] += 1
+                req = l0_pb2.CopyL1MemoryRequest(dst_gpa=h.dst, src_gpa=h.src, length=h.length, zero=h.zero)
+                r4 = await stub.CopyL1Memory(req, timeout=RPC_DEADLINE, metadata=md)
+                rc = r4.hcall_rc
+            elif isinstance(h, L1Step):
+                async with self.lock:  # L1's own work on its core (install a leaf, free a page)
+                    h.run()
+                rc = f.H.SUCCESS
             elif isinstance(h, TlbInvalidate):
                 self.stats["hcall.tlb_invalidate"] += 1
                 r3 = await stub.TlbInvalidate(l0_pb2.TlbInvalidateRequest(instr=h.instr, rs=h.rs, rb=h.rb), timeout=RPC_DEADLINE, metadata=md)

@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from nestmmu.core.l1 import Hcall, L1Hypervisor
 from nestmmu.limits import TREE_OP_SLICE_PAGES
 
+from .session import run_remaining_steps
+
 Chunks = Iterator[tuple[int, list[Hcall]]]
 #: Builds the chunked core op: (core, pages per chunk) -> chunks; validates at once.
 MakeChunks = Callable[[L1Hypervisor, int], Chunks]
@@ -95,10 +97,15 @@ async def run_tree_op(
                 break
             n, hcalls = step
             total += n
-            for h in hcalls:
-                rc = await hcall(h)
-                if rc and not first_rc:
-                    first_rc = rc
+            done = 0
+            try:
+                for h in hcalls:
+                    rc = await hcall(h)
+                    done += 1
+                    if rc and not first_rc:
+                        first_rc = rc
+            finally:
+                run_remaining_steps(hcalls, done)  # no data-guest page left busy (see session)
             await asyncio.sleep(0)  # health, stats, walks and faults run between slices
         return first_rc, total
 

@@ -39,6 +39,7 @@ import grpc
 import structlog
 
 from nestmmu.core import formats as f
+from nestmmu.core.data import DataMessage, DataVcpu
 from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Translation
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
@@ -126,6 +127,8 @@ class RunStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress = time.monotonic()
         self._log = log.bind(vcpu_id=vcpu_id, l1_lpid=l1_lpid)
+        self.data: DataVcpu | None = None  # data mode (see _run_data)
+        self._data_result: tuple[list[int], bytes] | None = None
 
     @property
     def stats(self) -> Counter[str]:
@@ -153,7 +156,9 @@ class RunStream:
             self._log.info("vcpu_attached", l0=self.l0_address)
             vcpu = self.vcpu
             lock = self.lock
-            batches = generate(spec, vcpu_index)
+            if spec.data:
+                await self._run_data(spec, vcpu_index)
+            batches = generate(spec, vcpu_index) if not spec.data else iter(())
             big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
             loop = asyncio.get_running_loop()
             while (got := await loop.run_in_executor(_GENERATOR, next, batches, None) if big else next(batches, None)) is not None:
@@ -218,6 +223,68 @@ class RunStream:
         if self.failure is not None:
             raise VcpuFailed(self.failure)
 
+    # ------------------------------------------------------------------ data mode
+    async def _run_data(self, spec: WorkloadSpec, vcpu_index: int) -> None:
+        """Data mode: each message is a run of TLB hits (with the host address translated)
+        ended by at most one miss; one message in flight (see nestmmu.core.data)."""
+        dv = self.data = DataVcpu(self.vcpu, vcpu_index, initial_zero=spec.data_fresh)
+        for addrs, kinds in generate(spec, vcpu_index):
+            start = 0
+            while start < len(addrs):
+                with self.lock:  # the reader thread applies tlbies to the same TLB
+                    msg = dv.message(addrs, kinds, start)
+                start += len(msg.addrs)
+                loaded, done = await self._data_round(msg)
+                with self.lock:
+                    dv.complete(msg, [bool(d) for d in done], loaded)
+            await asyncio.sleep(0)  # let the reader apply and ack pending tlbies
+            if self.failure is not None:
+                raise VcpuFailed(self.failure)
+
+    async def _data_round(self, msg: DataMessage) -> tuple[list[int], bytes]:
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+        self._batch_id += 1
+        batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=msg.addrs, kinds=bytes(msg.kinds), data=True, values=msg.values, host_addresses=msg.hosts)
+        with self.lock:
+            self._data_result = None
+            self._batch_open = True
+            self.stats["batches_sent"] += 1
+        self._done.clear()
+        self._progress = time.monotonic()
+        self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
+        while not self._done.is_set():
+            try:
+                await asyncio.wait_for(self._done.wait(), 1.0)
+            except TimeoutError:
+                if time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
+                    self.failure = f"no results for data batch {self._batch_id} for {BATCH_PROGRESS_TIMEOUT}s"
+                    break
+        if self.failure is not None or self._data_result is None:
+            raise VcpuFailed(self.failure or "data batch ended without its values")
+        return self._data_result
+
+    def _apply_data_results(self, r: l0_pb2.AccessResults) -> None:
+        """Fills of the batch's miss (applied in order with tlbies), then its loaded values."""
+        if r.batch_id != self._batch_id or not self._batch_open:
+            self.stats["stray_results"] += 1
+            return
+        vcpu = self.vcpu
+        for i, o in enumerate(r.outcomes):
+            if o == _FILL:
+                fl, host = r.flags[i], r.host_addresses[i]
+                t = Translation(vcpu.lpid, r.page_addresses[i], host, fl & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK, pte_from_flags(host, fl))
+                vcpu.apply(AccessResult(Outcome.FILL, t))
+            elif o == _SI:
+                vcpu.apply(AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=r.dsisrs[i] if i < len(r.dsisrs) else 0))
+            else:
+                vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
+        self._progress = time.monotonic()
+        if r.batch_done:
+            self._data_result = (list(r.data_loaded), bytes(r.data_done))
+            self._batch_open = False
+            self._wake(self._done)
+
     # ------------------------------------------------------------------ reader side
     def _reader(self, call: Iterator[l0_pb2.RunResponse]) -> None:
         """The stream's own thread: apply L0's messages in arrival order, each under the lock."""
@@ -235,7 +302,9 @@ class RunStream:
                     self._wake(self._attached)
                     continue
                 with lock:
-                    if which == "results":
+                    if which == "results" and self.data is not None:
+                        self._apply_data_results(msg.results)
+                    elif which == "results":
                         self._apply_results(msg.results)
                     elif which == "invalidate":
                         self._apply_invalidations(msg.invalidate)
@@ -338,6 +407,7 @@ async def run_vcpu(
     live: dict[int, LiveVcpu] | None = None,
     details: list[str] | None = None,
     attach_lock: asyncio.Lock | None = None,
+    data_details: list[str] | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
@@ -363,7 +433,17 @@ async def run_vcpu(
         stats = rs.stats
         if live is not None:
             live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu, rs.lock)
-        await rs.run(spec, vcpu_index)
+        try:
+            await rs.run(spec, vcpu_index)
+        finally:
+            if rs.data is not None:  # data mode: the checker's counts and first losses
+                with rs.lock:
+                    stats.update(rs.data.checker.counters())
+                    lost = list(rs.data.checker.details)
+                if data_details is not None:
+                    data_details += [
+                        f"lpid {lpid} vCPU {vcpu_id}: access {d.index} at L2 {d.address:#x}: expected {d.expected:#x}, got {d.got:#x}: {d.why}" for d in lost
+                    ]
     except VcpuFailed as e:
         stats["errors"] += 1
         stats["vcpu_failures"] += 1

@@ -10,6 +10,7 @@ error: only malformed requests and an unreachable L1 are.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("l2")
 
 DEFAULT_GUEST_PAGE_SHIFT = 16
+#: Data mode: vCPUs per guest (one 8-byte word of each 64-byte line each), details reported.
+DATA_SLOTS = 8
+DATA_DETAILS_MAX = 16
 #: Report fields filled from the vCPU counters of the same name.
 _REPORT_FIELDS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "errors", "invalidations_applied", "acks_sent")
 
@@ -51,7 +55,18 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         ifetch_fraction=w.ifetch_fraction,
         batch_size=w.batch_size or d.batch_size,
         trace_path=w.trace_path,
+        data=w.data,
+        data_fresh=w.data_fresh,
     )
+
+
+def fill_data_report(rep: l2_pb2.WorkloadReport, total: Counter[str], details: list[str]) -> None:
+    """Data mode: the checker's counts and the first lost or misplaced writes."""
+    rep.data_stores = int(total["data_stores"])
+    rep.data_loads_checked = int(total["data_loads_checked"])
+    rep.lost_writes = int(total["lost_writes"])
+    rep.misplaced_writes = int(total["misplaced_writes"])
+    rep.lost_write_details.extend(details[:DATA_DETAILS_MAX])
 
 
 def field_of_spec_error(msg: str) -> str:
@@ -109,11 +124,11 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _create_guest(self, context: Ctx, l1_address: str, page_shift: int, memory: int) -> tuple[int, int]:
+    async def _create_guest(self, context: Ctx, l1_address: str, page_shift: int, memory: int, data: bool = False) -> tuple[int, int]:
         async with grpc.aio.insecure_channel(l1_address) as channel:
             try:
                 resp = await l1_pb2_grpc.L1ServiceStub(channel).CreateGuest(
-                    l1_pb2.CreateGuestRequest(page_shift=page_shift, memory_bytes=memory), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
+                    l1_pb2.CreateGuestRequest(page_shift=page_shift, memory_bytes=memory, data=data), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
                 )
             except grpc.aio.AioRpcError as e:
                 code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE) else grpc.StatusCode.UNAVAILABLE
@@ -133,6 +148,8 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             spec.validate()
         except ValueError as e:
             await abort_invalid(context, field_of_spec_error(str(e)), str(e))
+        if spec.data and request.vcpus > DATA_SLOTS:
+            await abort_invalid(context, "vcpus", f"data mode runs at most {DATA_SLOTS} vCPUs per guest (each owns one 8-byte word of every 64-byte line)")
         if spec.pattern == "trace" and not os.path.isfile(spec.trace_path):
             await abort_invalid(context, "workload.trace_path", f"no such file in the L2 service: {spec.trace_path}")
         if spec.pattern == "trace" and os.path.getsize(spec.trace_path) > MAX_TRACE_BYTES:
@@ -146,11 +163,13 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 f"{request.vcpus} vCPUs x {spec.accesses} accesses is above {MAX_TOTAL_ACCESSES} (MAX_TOTAL_ACCESSES) accesses per RunWorkload",
             )
         details: list[str] = []
+        data_details: list[str] = []
         lpid = request.lpid
         if lpid == 0:
             page = 1 << page_shift
             memory = (spec.base + spec.footprint + page - 1) // page * page
-            lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory)
+            lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory, spec.data)
+            spec = dataclasses.replace(spec, data_fresh=spec.data)
             if rc != f.H.SUCCESS:
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
         log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed)
@@ -159,7 +178,8 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         attach_lock = self._attach_locks.setdefault((request.l1_address, lpid), asyncio.Lock())
         tasks = [
             asyncio.create_task(
-                run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details, attach_lock=attach_lock), name=f"vcpu-{lpid}-{i}"
+                run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details, attach_lock=attach_lock, data_details=data_details),
+                name=f"vcpu-{lpid}-{i}",
             )
             for i in range(request.vcpus)
         ]
@@ -174,6 +194,8 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         for c in results:
             total.update({k: v for k, v in c.items() if k != "seconds"})
         rep = report_from_counters(total, time.perf_counter() - t0, lpid, request.vcpus, details)
+        if spec.data:
+            fill_data_report(rep, total, data_details)
         self.reports.append(rep)
         log.info(
             "workload_done",

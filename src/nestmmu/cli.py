@@ -91,6 +91,7 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         with_churn=not args.no_churn,
         churn_counts=churned,
         trace_path=os.path.abspath(args.trace) if args.trace else "",
+        data=args.data,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -102,7 +103,13 @@ def cmd_workload(args: argparse.Namespace) -> int:
     rep = asyncio.run(_workload(args, l1s, args.l2, args.l0))
     _print(rep, args.json)
     audit_ok = bool(rep["audit"]["ok"]) if "audit" in rep else True
-    return 0 if audit_ok and not rep["errors"] else 1
+    return 0 if audit_ok and not rep["errors"] and not _data_lost(rep) else 1
+
+
+def _data_lost(rep: dict[str, Any]) -> int:
+    """Data mode: lost + misplaced writes (a failed run, exit 1)."""
+    d = rep.get("data", {})
+    return int(d.get("lost_writes", 0)) + int(d.get("misplaced_writes", 0))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -118,7 +125,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ok = bool(rep["audit"]["ok"])
     if not args.json:
         print("audit clean" if ok else "AUDIT FAILED", file=sys.stderr)
-    return 0 if ok else 1
+        if _data_lost(rep):
+            print(f"LOST WRITES: {_data_lost(rep)} (see data.details)", file=sys.stderr)
+    return 0 if ok and not _data_lost(rep) else 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
         q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
+        q.add_argument("--data", action="store_true", help="data mode: stores carry values, every load is checked (lost_writes in the report)")
         q.add_argument("--trace", help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path")
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")

@@ -211,10 +211,12 @@ async def run_default_workload(
     churn_counts: dict[str, int] | None = None,
     trace_path: str = "",
     batch_size: int = 1024,
+    data: bool = False,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
     With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
+    With ``data``, the guests are data guests and the workloads run in data mode (checked).
     """
     plan = plan or default_plan()
     jobs = []
@@ -222,7 +224,7 @@ async def run_default_workload(
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = l1_pb2_grpc.L1ServiceStub(ch)
             for g in plan:
-                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory)
+                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data)
                 for kind, start, size, r, w, x in g.regions:
                     req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)
                 resp = await stub.CreateGuest(req, timeout=DEADLINE)
@@ -249,6 +251,8 @@ async def run_default_workload(
                             store_fraction=0.3,
                             ifetch_fraction=0.05,
                             batch_size=batch_size,
+                            data=data,
+                            data_fresh=data,  # the guests were created just above
                         ),
                     ),
                     timeout=600.0,
@@ -301,6 +305,14 @@ def summarize(
         "vcpu_seconds": round(sum(r.seconds for r in reports), 3),
         "churn": dict(sorted((churn_counts or {}).items())),
     }
+    if any(r.data_stores or r.data_loads_checked for r in reports):
+        out["data"] = {
+            "data_stores": sum(r.data_stores for r in reports),
+            "data_loads_checked": sum(r.data_loads_checked for r in reports),
+            "lost_writes": sum(r.lost_writes for r in reports),
+            "misplaced_writes": sum(r.misplaced_writes for r in reports),
+            "details": [d for r in reports for d in r.lost_write_details][:16],
+        }
     if aud is not None:
         out["audit"] = {"ok": aud.ok, "violations": [f"{v.invariant}: {v.detail}" for v in aud.violations], "checked": dict(aud.checked.values)}
     return out

@@ -526,6 +526,19 @@ def copy(rig: GuestRig, eaddr: int, to_gpa: int, from_gpa: int, n: int, lpid: in
     return rc
 
 
+def host_write(rig: GuestRig, l1_gpa: int, data: bytes) -> None:
+    """Write L2 data where it lives: the host frame behind the L1 page backing the L2 page."""
+    hpa = rig.cluster.l0.l1_frame(rig.vm, l1_gpa, writing=True)
+    assert hpa is not None
+    rig.cluster.l0.mem.write(hpa, data)
+
+
+def host_read(rig: GuestRig, l1_gpa: int, n: int) -> bytes:
+    hpa = rig.cluster.l0.l1_frame(rig.vm, l1_gpa, writing=False)
+    assert hpa is not None
+    return rig.cluster.l0.mem.read(hpa, n)
+
+
 def test_copy_both_directions_is_parameter(rig: GuestRig) -> None:
     assert copy(rig, 0, SCRATCH, SCRATCH + 0x1000, 8) == H.PARAMETER
 
@@ -556,7 +569,7 @@ def test_copy_from_guest_moves_bytes(rig: GuestRig) -> None:
     fault_in(rig, 3 * PAGE + 0x100, Access.STORE)
     backing = rig.l1.guests[rig.lpid].backing[3]
     payload = b"nested radix!\x00\xff"
-    assert rig.l1.write_memory(backing + 0x100, payload)
+    host_write(rig, backing + 0x100, payload)
     gp = rig.session.gp
     ref = gp.refcnt
     assert copy(rig, 3 * PAGE + 0x100, SCRATCH, 0, len(payload)) == H.SUCCESS
@@ -570,15 +583,17 @@ def test_copy_to_guest_moves_bytes(rig: GuestRig) -> None:
     payload = bytes(range(1, 33))
     assert rig.l1.write_memory(SCRATCH, payload)
     assert copy(rig, 3 * PAGE + 0x2000, 0, SCRATCH, len(payload)) == H.SUCCESS
-    assert rig.l1.read_memory(backing + 0x2000, len(payload)) == payload
+    assert host_read(rig, backing + 0x2000, len(payload)) == payload
+    # L1's own copy of that page (its memory in the L1 process) is not where L2 data lives.
+    assert rig.l1.read_memory(backing + 0x2000, len(payload)) == bytes(len(payload))
 
 
 def test_copy_across_two_l2_pages(rig: GuestRig) -> None:
     fault_in(rig, 1 * PAGE, Access.STORE)
     fault_in(rig, 2 * PAGE, Access.STORE)
     backing = rig.l1.guests[rig.lpid].backing
-    rig.l1.write_memory(backing[1] + PAGE - 8, b"AAAAAAAA")
-    rig.l1.write_memory(backing[2], b"BBBBBBBB")
+    host_write(rig, backing[1] + PAGE - 8, b"AAAAAAAA")
+    host_write(rig, backing[2], b"BBBBBBBB")
     assert copy(rig, 2 * PAGE - 8, SCRATCH, 0, 16) == H.SUCCESS
     assert rig.l1.read_memory(SCRATCH, 16) == b"AAAAAAAABBBBBBBB"
 
@@ -600,7 +615,7 @@ def test_failed_copy_from_guest_leaves_l1_buffer_untouched(rig: GuestRig) -> Non
     a copy whose second page is not faulted in must not have written its first page's bytes."""
     fault_in(rig, 1 * PAGE, Access.STORE)
     backing = rig.l1.guests[rig.lpid].backing
-    rig.l1.write_memory(backing[1] + PAGE - 8, b"AAAAAAAA")
+    host_write(rig, backing[1] + PAGE - 8, b"AAAAAAAA")
     rig.l1.write_memory(SCRATCH, b"untouch!")
     assert copy(rig, 2 * PAGE - 8, SCRATCH, 0, 16) == H.NOT_FOUND
     assert rig.l1.read_memory(SCRATCH, 8) == b"untouch!"

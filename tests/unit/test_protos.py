@@ -52,6 +52,7 @@ def test_service_descriptors_have_the_rpcs() -> None:
         "TlbInvalidate",
         "RptInvalidate",
         "CopyToFromGuest",
+        "CopyL1Memory",
         "Run",
         "HostUnmap",
         "HostMigrate",

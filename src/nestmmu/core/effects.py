@@ -130,7 +130,16 @@ class Preempt:
     where: str
 
 
-Effect = WalkL1Tree | ReadL1Memory | WriteL1Memory | ReflectExit | AcquireTlbLock | ReleaseTlbLock | Preempt
+@dataclass(frozen=True, slots=True)
+class WaitHostPage:
+    """The host page backing an L1 chunk is being migrated or swapped out (its PTE is a
+    migration entry): wait until the move completes (migration_entry_wait), then retry."""
+
+    l1: L1Vm
+    chunk: int
+
+
+Effect = WalkL1Tree | ReadL1Memory | WriteL1Memory | ReflectExit | AcquireTlbLock | ReleaseTlbLock | Preempt | WaitHostPage
 
 T = TypeVar("T")
 Op = Generator[Effect, Any, T]

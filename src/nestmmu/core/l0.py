@@ -42,6 +42,7 @@ from .effects import (
     ReleaseTlbLock,
     Scope,
     Translation,
+    WaitHostPage,
     WalkL1Tree,
     WriteL1Memory,
 )
@@ -132,6 +133,12 @@ class L1Vm:
         self.mmu_invalidate_in_progress = 0
         self.backing: dict[int, tuple[int, int]] = {}  # host chunk gpa -> (hpa, shift)
         self.thp_collapsing: set[int] = set()
+        # Host pages being moved (migration entries): chunk -> (old hpa, new hpa or 0, shift).
+        # Between unmapping (tlbies sent) and the tlbsync the old frame still holds the data;
+        # the copy (or swap-out) happens only after every TLB dropped the old translation.
+        self.moving: dict[int, tuple[int, int, int]] = {}
+        # Swapped-out host pages: chunk -> written 4K chunks of the page (offset -> bytes).
+        self.swap: dict[int, dict[int, bytes]] = {}
         self.released = False
 
     def memslot_for(self, gpa: int) -> Memslot | None:
@@ -296,6 +303,12 @@ class L0Hypervisor:
         vm.pgtable.free_table(vm.pgtable.root, 3)
         for chunk, (hpa, shift) in list(vm.backing.items()):
             self._free_backing(vm, chunk, hpa, shift)
+        for old, new, shift in vm.moving.values():
+            self._free_frame(old, shift)
+            if new:
+                self.alloc.free(new, 1 << shift)
+        vm.moving.clear()
+        vm.swap.clear()
         self.set_ptbl_entry(vm.lpid, 0, 0)
         self.kvmppc_free_lpid(vm.lpid)
         vm.released = True
@@ -316,12 +329,109 @@ class L0Hypervisor:
             vm.backing[chunk] = got = (hpa, shift)
             self.owner[hpa] = (vm.name, chunk, shift)
             self.stats["host_pages_faulted_in"] += 1
+            snap = vm.swap.pop(chunk, None)
+            if snap is not None:  # swap-in: the page's contents come back (in a new frame)
+                self.mem.restore(hpa, snap)
+                self.stats["host_pages_swapped_in"] += 1
         return got
 
     def _free_backing(self, vm: L1Vm, chunk: int, hpa: int, shift: int) -> None:
         del vm.backing[chunk]
+        self._free_frame(hpa, shift)
+
+    def _free_frame(self, hpa: int, shift: int) -> None:
+        """Free a data frame; its bytes are cleared (the next owner gets a zeroed page)."""
         del self.owner[hpa]
+        self.mem.zero(hpa, 1 << shift)
         self.alloc.free(hpa, 1 << shift)
+
+    def _moving_chunk(self, vm: L1Vm, memslot: Memslot, gpa: int) -> int | None:
+        if not vm.moving:
+            return None
+        chunk = gpa & ~((1 << self._backing_shift(memslot)) - 1)
+        return chunk if chunk in vm.moving else None
+
+    # ================================================================ data (data mode)
+    def data_load(self, hpa: int) -> int:
+        """An L2 load reaching memory at the host address its TLB (or the fill) gave.
+
+        A frame no L1 owns any more (freed after a migration or swap-out) reads as zero: the
+        model never lets a stale translation read L0's own tables."""
+        if self.host_owner_of(hpa) is None:
+            self.stats["data_stray_loads"] += 1
+            return 0
+        return self.mem.read_u64(hpa & ~7)
+
+    def data_store(self, hpa: int, value: int) -> None:
+        """An L2 store reaching memory.  A store to a frame that no longer backs any L1 page
+        (a translation kept past its tlbie) is dropped and counted: that write is lost."""
+        if self.host_owner_of(hpa) is None:
+            self.stats["data_stray_stores"] += 1
+            return
+        self.mem.write_u64(hpa & ~7, value & f.U64)
+
+    def data_access(self, hpa: int, kind: int, value: int) -> int:
+        """One data-mode access at a host address: a store writes ``value``; a load (or an
+        instruction fetch) returns the doubleword there."""
+        if kind == Access.STORE:
+            self.data_store(hpa, value)
+            return 0
+        return self.data_load(hpa)
+
+    def l1_frame(self, vm: L1Vm, gpa: int, writing: bool) -> int | None:
+        """The host address behind L1 real address gpa for L1's own access (its CPU through
+        L0's partition-scoped table), faulting the host page in; None without a memslot or
+        when storing to a read-only one.  A page being moved still has its old frame."""
+        memslot = vm.memslot_for(gpa)
+        if memslot is None or (writing and memslot.read_only):
+            return None
+        shift = self._backing_shift(memslot)
+        chunk = gpa & ~((1 << shift) - 1)
+        moving = vm.moving.get(chunk)
+        hpa = moving[0] if moving is not None else self.host_faultin(vm, memslot, gpa)[0]
+        if writing and memslot.dirty_logging:
+            # L1's own store dirties the page as its CPU would (C in L0's PTE for it).
+            self._mark_dirty(memslot, gpa & ~(self.page_size - 1), self.page_size)
+        return hpa + (gpa - chunk)
+
+    def l1_copy_memory(self, vm: L1Vm, dst: int, src: int, length: int) -> int:
+        """L1 copies one of its pages to another (Linux-as-L1's migrate_pages / swap copy):
+        its memcpy runs on host frames, so L0 moves the bytes.  Page aligned, whole pages."""
+        if length <= 0 or (dst | src | length) & 0xFFF:
+            return H.PARAMETER
+        off = 0
+        while off < length:
+            s = self.l1_frame(vm, src + off, writing=False)
+            d = self.l1_frame(vm, dst + off, writing=True)
+            if s is None or d is None:
+                return H.PARAMETER
+            # Up to the end of whichever host page (base page or larger) ends first.
+            step = min(length - off, self._host_room(vm, src + off), self._host_room(vm, dst + off))
+            self.mem.copy(d, s, step)
+            off += step
+        self.stats["l1_bytes_copied"] += length
+        return H.SUCCESS
+
+    def l1_zero_memory(self, vm: L1Vm, dst: int, length: int) -> int:
+        """L1 clears pages of its own memory (clear_page of a page it hands to an L2)."""
+        if length <= 0 or (dst | length) & 0xFFF:
+            return H.PARAMETER
+        off = 0
+        while off < length:
+            d = self.l1_frame(vm, dst + off, writing=True)
+            if d is None:
+                return H.PARAMETER
+            step = min(length - off, self._host_room(vm, dst + off))
+            self.mem.zero(d, step)
+            off += step
+        self.stats["l1_bytes_zeroed"] += length
+        return H.SUCCESS
+
+    def _host_room(self, vm: L1Vm, gpa: int) -> int:
+        memslot = vm.memslot_for(gpa)
+        assert memslot is not None
+        size = 1 << self._backing_shift(memslot)
+        return size - (gpa & (size - 1))
 
     def host_owner_of(self, hpa: int) -> tuple[str, int] | None:
         """Which L1 owns host address hpa, and the L1 real address it backs."""
@@ -434,8 +544,9 @@ class L0Hypervisor:
         """H_COPY_TOFROM_GUEST: a quadrant access through the *shadow* table, faults disabled.
 
         L2's process-scoped tables are not modelled, so ``eaddr`` is taken as an L2 real
-        address (pid only picks the quadrant in the kernel).  L2 data lives in L1 memory, so
-        the copy goes between two L1 real addresses; the L2 side must be faulted in already.
+        address (pid only picks the quadrant in the kernel).  The L2 side is the host frame the
+        shadow leaf maps (where L2's stores land); the L1 side (``to_gpa``/``from_gpa``) is
+        L1's own memory.  The L2 side must be faulted in already.
         """
         self.stats["hcall.H_COPY_TOFROM_GUEST"] += 1
         is_load = to_gpa != 0
@@ -463,22 +574,17 @@ class L0Hypervisor:
         while rc == H.SUCCESS and done < n:
             ea = eaddr + done
             slot, dsisr, _ = self.hw_translate(gp, ea, Access.LOAD if is_load else Access.STORE)
-            owner = None if slot is None or dsisr else self.host_owner_of((slot.pte & f.PTE_RPN_MASK) + (ea & ((1 << slot.shift) - 1)))
+            hpa = 0 if slot is None or dsisr else (slot.pte & f.PTE_RPN_MASK) + (ea & ((1 << slot.shift) - 1))
+            owner = None if slot is None or dsisr else self.host_owner_of(hpa)
             if slot is None or owner is None or owner[0] != vm.name:
                 rc = H.NOT_FOUND  # short quadrant copy (faults are disabled)
                 break
             chunk = min(n - done, (1 << slot.shift) - (ea & ((1 << slot.shift) - 1)))
+            # The quadrant access goes through the shadow translation to the host frame.
             if is_load:
-                data = yield ReadL1Memory(vm, owner[1], chunk)
-                if data is None:
-                    rc = H.NOT_FOUND
-                    break
-                parts.append(data)
+                parts.append(self.mem.read(hpa, chunk))
             else:
-                ok = yield WriteL1Memory(vm, owner[1], buf[done : done + chunk])
-                if not ok:
-                    rc = H.NOT_FOUND
-                    break
+                self.mem.write(hpa, buf[done : done + chunk])
             done += chunk
         if is_load and rc == H.SUCCESS and n:
             ok = yield WriteL1Memory(vm, to_gpa, b"".join(parts))
@@ -774,6 +880,9 @@ class L0Hypervisor:
         if not pte & f.PTE_V or (writing and not pte & f.PTE_EAA_RW):
             got = self.kvmppc_book3s_instantiate_page(vm, gpa, memslot, writing, kvm_ro)
             if got == EAGAIN:
+                moving = self._moving_chunk(vm, memslot, gpa)
+                if moving is not None:
+                    yield WaitHostPage(vm, moving)
                 return RESUME_GUEST
             assert isinstance(got, tuple)
             pte, level = got
@@ -866,6 +975,10 @@ class L0Hypervisor:
         """Fault in the host page and map it in L1's partition-scoped table: (pte, level)."""
         mmu_seq = vm.mmu_invalidate_seq
         page_shift = self.page_shift
+        if self._moving_chunk(vm, memslot, gpa) is not None:
+            # A migration entry: the fault waits for the move and retries (the caller waits).
+            self.stats["host_page_moving_retry"] += 1
+            return EAGAIN
         hpa_base, shift = self.host_faultin(vm, memslot, gpa)
         chunk = gpa & ~((1 << shift) - 1)
         if chunk in vm.thp_collapsing:
@@ -1152,18 +1265,56 @@ class L0Hypervisor:
     def host_unmap(self, vm: L1Vm, gpa: int) -> int:
         """The host unmaps the page backing L1 address gpa (MMU notifier -> kvm_unmap_radix).
 
-        Returns the number of L0 PTEs removed; shadow PTEs go through the rmap.
+        Returns the number of L0 PTEs removed; shadow PTEs go through the rmap.  The page is
+        swapped out, not lost: its contents come back at the next fault-in.  Both phases run
+        at once here; a driver that delivers tlbies asynchronously calls
+        :meth:`host_invalidate_start`, waits for the tlbsync, then :meth:`host_invalidate_finish`.
         """
-        return self._host_invalidate(vm, gpa, migrate=False)[0]
+        removed, _, _, chunk = self.host_invalidate_start(vm, gpa, migrate=False)
+        self.host_invalidate_finish(vm, chunk)
+        return removed
 
     def host_migrate(self, vm: L1Vm, gpa: int) -> tuple[int, int, int]:
         """Move the host page backing gpa: unmap it everywhere, then back it by a new page.
 
         Returns (L0 PTEs removed, old hpa, new hpa) (0, 0 when the page was not resident).
         """
-        return self._host_invalidate(vm, gpa, migrate=True)
+        removed, old, new, chunk = self.host_invalidate_start(vm, gpa, migrate=True)
+        self.host_invalidate_finish(vm, chunk)
+        return removed, old, new
 
-    def _host_invalidate(self, vm: L1Vm, gpa: int, migrate: bool) -> tuple[int, int, int]:
+    def host_invalidate_finish(self, vm: L1Vm, chunk: int) -> None:
+        """After the tlbsync: migration copies the old frame to the new one and switches the
+        backing (move_to_new_folio + remove_migration_ptes); swap-out saves the contents with
+        the L1 page (the swap entry).  Then the old frame is freed."""
+        moving = vm.moving.pop(chunk, None)
+        if moving is None:
+            return
+        old, new, shift = moving
+        if new:
+            self.copy_frame(new, old, shift)
+            vm.backing[chunk] = (new, shift)
+            self.owner[new] = (vm.name, chunk, shift)
+        else:
+            snap = self.mem.snapshot(old, 1 << shift)
+            if snap:
+                vm.swap[chunk] = snap
+                self.stats["host_pages_swapped_out"] += 1
+        self._free_frame(old, shift)
+
+    def copy_frame(self, dst: int, src: int, shift: int) -> None:
+        """migrate_page_copy: the new frame gets the old frame's bytes."""
+        self.mem.copy(dst, src, 1 << shift)
+        self.stats["host_frames_copied"] += 1
+
+    def host_invalidate_start(self, vm: L1Vm, gpa: int, migrate: bool) -> tuple[int, int, int, int]:
+        """Unmap the host page backing gpa everywhere (tlbies in the outbox) and leave a
+        migration entry: faults on it wait until :meth:`host_invalidate_finish`.
+
+        Returns (L0 PTEs removed, old hpa, new hpa, chunk)."""
+        return self._host_invalidate(vm, gpa, migrate)
+
+    def _host_invalidate(self, vm: L1Vm, gpa: int, migrate: bool) -> tuple[int, int, int, int]:
         memslot = vm.memslot_for(gpa)
         if memslot is None:
             raise ConfigError(f"L1 {vm.name!r} has no memslot at {gpa:#x}")
@@ -1177,20 +1328,18 @@ class L0Hypervisor:
             self.kvmppc_unmap_pte(vm, vm.pgtable, slot.addr, slot.pte, slot.gpa, slot.shift, vm.lpid, memslot)
             removed += 1
         old = new = 0
-        if backing is not None:
+        if backing is not None and chunk not in vm.moving:
             old, bshift = backing
             if migrate:
                 # Take the destination while the source is still held: the allocator is LIFO,
                 # so faulting in after the free would hand back the same page (no move).
                 new = self.alloc.alloc(1 << bshift)
-            self._free_backing(vm, chunk, old, bshift)
-            if migrate:
-                vm.backing[chunk] = (new, bshift)
-                self.owner[new] = (vm.name, chunk, bshift)
+            del vm.backing[chunk]
+            vm.moving[chunk] = (old, new, bshift)
         vm.mmu_invalidate_in_progress -= 1
         vm.mmu_invalidate_seq += 1
         self.stats["host_migrate" if migrate else "host_unmap"] += 1
-        return removed, old, new
+        return removed, old, new, chunk
 
     def host_thp_collapse(self, vm: L1Vm, gpa: int) -> None:
         """Make the host PTE for gpa transiently absent (§9.11) for the next instantiate."""

@@ -51,7 +51,28 @@ class RptInvalidate:
     end: int
 
 
-Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate
+@dataclass(frozen=True, slots=True)
+class CopyL1Pages:
+    """L1 copies ``length`` bytes of its own memory from ``src`` to ``dst`` (4K aligned).
+
+    L1's memory is host frames in L0, so its memcpy moves bytes there: the model sends the
+    copy to L0 (data guests only; see :attr:`L2Guest.data`)."""
+
+    dst: int
+    src: int
+    length: int
+    zero: bool = False  # clear dst instead (clear_page: a fresh page for a data guest)
+
+
+@dataclass(frozen=True, slots=True)
+class L1Step:
+    """Not an hcall: work L1 does itself once every hcall before it in the list completed
+    (e.g. install the new leaf after the page was copied).  Drivers call ``run()``."""
+
+    run: Callable[[], None]
+
+
+Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate | CopyL1Pages | L1Step
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,11 @@ class L2Guest:
     regions: list[GuestRegion] = field(default_factory=list)
     backing: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 real address
     perms: dict[int, int] = field(default_factory=dict)  # L2 page -> EAA override
+    # Data mode: L1 keeps the guest's bytes when it moves pages (remap copies, unmap swaps
+    # out to a slot of L1 memory, the next fault swaps in), as Linux-as-L1 does.
+    data: bool = False
+    swap: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 swap slot address
+    busy: set[int] = field(default_factory=set)  # pages whose copy is in flight (no leaf yet)
 
     @property
     def page_size(self) -> int:
@@ -192,7 +218,7 @@ class L1Hypervisor:
         self.mem.write_u64(addr + 8, dw1)
 
     def create_guest(
-        self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None
+        self, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None, data: bool = False
     ) -> tuple[L2Guest, list[Hcall]]:
         """Allocate an lpid, build the root in L1 memory, write the PATE, flush (RIC=2)."""
         if page_shift not in GUEST_PAGE_SHIFTS:
@@ -220,7 +246,7 @@ class L1Hypervisor:
             tree = RadixTable(self.mem, self.alloc, 12 if page_shift == 12 else 16)
         except OutOfMemory as e:
             raise ConfigError(f"L1 {self.name!r} is out of memory for a new tree: {e}") from e
-        guest = L2Guest(lpid, page_shift, memory, tree, list(regions or []))
+        guest = L2Guest(lpid, page_shift, memory, tree, list(regions or []), data=data)
         self.guests[lpid] = guest
         self._write_pate(lpid, guest.pate_dw0(), f.make_pate_dw1())
         self._count("guests_created")
@@ -236,6 +262,8 @@ class L1Hypervisor:
         tree.free_table(tree.root, 3)
         for page, l1_gpa in guest.backing.items():
             self._free_backing(guest, page, l1_gpa)
+        for slot in guest.swap.values():
+            self.alloc.free(slot)
         del self.guests[lpid]
         self._count("guests_destroyed")
         return hcalls
@@ -245,6 +273,11 @@ class L1Hypervisor:
         if g is None:
             raise ConfigError(f"L1 {self.name!r} has no L2 guest with lpid {lpid}")
         return g
+
+    def page_busy(self, lpid: int, n_gpa: int) -> bool:
+        """A data guest's page is being copied (its leaf comes back when the copy is done)."""
+        g = self.guests.get(lpid)
+        return g is not None and bool(g.busy) and (n_gpa >> g.page_shift) in g.busy
 
     def hv_guest_state(self, lpid: int, vcpu_token: int) -> HvGuestState:
         self.guest(lpid)
@@ -381,7 +414,7 @@ class L1Hypervisor:
         guest = self.guest(lpid)
         return self._chunks(guest, self._pages(guest, n_gpa, length), chunk_pages, lambda page: self._remap_page(guest, page))
 
-    def _chunks(self, guest: L2Guest, pages: range, chunk_pages: int, step: Callable[[int], tuple[bool, Hcall | None]]) -> Iterator[tuple[int, list[Hcall]]]:
+    def _chunks(self, guest: L2Guest, pages: range, chunk_pages: int, step: Callable[[int], tuple[bool, list[Hcall]]]) -> Iterator[tuple[int, list[Hcall]]]:
         """Run ``step`` on ``pages``, ``chunk_pages`` at a time (0: all at once).
 
         A guest destroyed between chunks ends the op (its tree and backing are gone)."""
@@ -392,59 +425,143 @@ class L1Hypervisor:
             n = 0
             hcalls: list[Hcall] = []
             for page in pages[lo : lo + size]:
-                changed, h = step(page)
+                changed, hs = step(page)
                 n += changed
-                if h is not None:
-                    hcalls.append(h)
+                hcalls += hs
             yield n, hcalls
 
-    def _map_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, Hcall | None]:
+    def _map_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, list[Hcall]]:
+        if page in guest.busy:  # a data guest's page being moved: its move installs the leaf
+            return False, []
         if self._read_leaf(guest, page << guest.page_shift) is not None:
-            return False, None
+            return False, []
         if perms:
             guest.perms[page] = perms
-        self.instantiate(guest, page << guest.page_shift, writing=False)
-        return True, None
+        if page in guest.swap:
+            return True, self._swap_in(guest, page, writing=False)
+        return True, self._fault_in(guest, page << guest.page_shift, writing=False)
 
-    def _unmap_page(self, guest: L2Guest, page: int) -> tuple[bool, Hcall | None]:
+    def _unmap_page(self, guest: L2Guest, page: int) -> tuple[bool, list[Hcall]]:
         addr = page << guest.page_shift
         leaf = self._read_leaf(guest, addr)
         if leaf is None:
-            return False, None
+            return False, []
         self.mem.write_u64(leaf[0], 0)
         l1_gpa = guest.backing.pop(page, None)
+        r = guest.region_at(addr)
+        if guest.data and l1_gpa is not None and (r is None or r.kind == "protect"):
+            return True, self._swap_out(guest, page, l1_gpa)
         if l1_gpa is not None:
             self._free_backing(guest, page, l1_gpa)
-        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
+        return True, [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
 
-    def _protect_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, Hcall | None]:
+    def _protect_page(self, guest: L2Guest, page: int, perms: int) -> tuple[bool, list[Hcall]]:
         guest.perms[page] = perms
         addr = page << guest.page_shift
         leaf = self._read_leaf(guest, addr)
         if leaf is None:
-            return False, None
+            return False, []
         old = leaf[1]
         new = (old & ~PERM_RWX) | perms
         if not perms & f.PTE_EAA_RW:
             new &= ~f.PTE_C
         if new == old:
-            return False, None
+            return False, []
         self.mem.write_u64(leaf[0], new)
-        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
+        return True, [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
 
-    def _remap_page(self, guest: L2Guest, page: int) -> tuple[bool, Hcall | None]:
+    def _remap_page(self, guest: L2Guest, page: int) -> tuple[bool, list[Hcall]]:
         addr = page << guest.page_shift
         leaf = self._read_leaf(guest, addr)
         if leaf is None:
-            return False, None
+            return False, []
         r = guest.region_at(addr)
         if r is not None and r.kind != "protect":
-            return False, None  # ROM and MMIO mappings do not move
+            return False, []  # ROM and MMIO mappings do not move
         old_gpa = guest.backing.pop(page)
         new_gpa = self._backing_for(guest, page)
+        new_pte = (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa
+        if guest.data:
+            return True, self._migrate_page(guest, page, leaf[0], old_gpa, new_gpa, new_pte)
         self._free_backing(guest, page, old_gpa)
-        self.mem.write_u64(leaf[0], (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa)
-        return True, self._flush_page_hcall(guest.lpid, addr, guest.page_shift)
+        self.mem.write_u64(leaf[0], new_pte)
+        return True, [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
+
+    # ---------------------------------------------------------------- data guests: moving pages
+    def _migrate_page(self, guest: L2Guest, page: int, leaf_addr: int, old_gpa: int, new_gpa: int, new_pte: int) -> list[Hcall]:
+        """migrate_pages as Linux-as-L1 does it: replace the leaf by a migration entry and
+        flush (no vCPU can write the old page any more), copy, then install the new leaf.
+        A fault on the page meanwhile waits (the page is busy)."""
+        self.mem.write_u64(leaf_addr, 0)
+        guest.busy.add(page)
+        addr = page << guest.page_shift
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self._free_backing(guest, page, old_gpa)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, new_pte)
+            self._count("pages_migrated")
+
+        return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift), CopyL1Pages(new_gpa, old_gpa, guest.page_size), L1Step(_once(finish))]
+
+    def _fault_in(self, guest: L2Guest, n_gpa: int, writing: bool) -> list[Hcall]:
+        """instantiate, except that a data guest's brand-new page is cleared first (the page
+        L1 hands out may have held another page's bytes): clear it, then the leaf."""
+        page = n_gpa >> guest.page_shift
+        r = guest.region_at(page << guest.page_shift)
+        if not guest.data or page in guest.backing or (r is not None and r.kind != "protect"):
+            self.instantiate(guest, n_gpa, writing)
+            return []
+        new_gpa = self._backing_for(guest, page)
+        guest.busy.add(page)
+        perms = self._page_perms(guest, page)
+        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        leaf_addr = self._leaf_slot(guest, page << guest.page_shift)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, pte)
+                self._count("leaves_instantiated")
+
+        return [CopyL1Pages(new_gpa, 0, guest.page_size, zero=True), L1Step(_once(finish))]
+
+    def _swap_out(self, guest: L2Guest, page: int, l1_gpa: int) -> list[Hcall]:
+        """The leaf is already cleared: flush, copy the page to a swap slot, free the page."""
+        slot = self.alloc.alloc(guest.page_size)
+        guest.swap[page] = slot
+        guest.busy.add(page)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self._free_backing(guest, page, l1_gpa)
+            self._count("pages_swapped_out")
+
+        return [
+            self._flush_page_hcall(guest.lpid, page << guest.page_shift, guest.page_shift),
+            CopyL1Pages(slot, l1_gpa, guest.page_size),
+            L1Step(_once(finish)),
+        ]
+
+    def _swap_in(self, guest: L2Guest, page: int, writing: bool) -> list[Hcall]:
+        """A fault on a swapped-out page: a new page, copy the slot into it, then the leaf."""
+        slot = guest.swap.pop(page)
+        new_gpa = self._backing_for(guest, page)
+        guest.busy.add(page)
+        n_gpa = page << guest.page_shift
+        perms = self._page_perms(guest, page)
+        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        leaf_addr = self._leaf_slot(guest, n_gpa)
+
+        def finish() -> None:
+            guest.busy.discard(page)
+            self.alloc.free(slot)
+            if self.guests.get(guest.lpid) is guest and guest.backing.get(page) == new_gpa:
+                self.mem.write_u64(leaf_addr, pte)
+            self._count("pages_swapped_in")
+
+        return [CopyL1Pages(new_gpa, slot, guest.page_size), L1Step(_once(finish))]
 
     # ---------------------------------------------------------------- reflected exits
     def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
@@ -466,10 +583,16 @@ class L1Hypervisor:
         page = n_gpa >> guest.page_shift
         leaf = self._read_leaf(guest, page << guest.page_shift)
         perms = self._page_perms(guest, page)
+        if leaf is None and page in guest.busy:
+            # A migration entry: the page is being copied; the fault retries after it.
+            self._count("exit.page_busy")
+            return ExitReply(ExitAction.REENTER), []
+        if leaf is None and page in guest.swap:
+            self._count("exit.swap_in")
+            return ExitReply(ExitAction.REENTER), self._swap_in(guest, page, writing and bool(perms & f.PTE_EAA_RW))
         if dsisr & f.DSISR_NOHPTE or leaf is None:
             self._count("exit.nohpte")
-            self.instantiate(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
-            return ExitReply(ExitAction.REENTER), []
+            return ExitReply(ExitAction.REENTER), self._fault_in(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
         pte = leaf[1]
         if dsisr & (f.DSISR_PROTFAULT | f.DSISR_NOEXEC_OR_G):
             allowed = _allows(pte, ex.access)
@@ -498,6 +621,18 @@ def _collect(chunks: Iterator[tuple[int, list[Hcall]]]) -> tuple[int, list[Hcall
     return n, hcalls
 
 
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """An L1Step body that does its work at most once, however often a driver calls it."""
+    ran: list[bool] = []
+
+    def run() -> None:
+        if not ran:
+            ran.append(True)
+            fn()
+
+    return run
+
+
 def _allows(pte: int, access: Access) -> bool:
     if access is Access.STORE:
         return bool(pte & f.PTE_EAA_RW)
@@ -510,9 +645,11 @@ __all__ = [
     "GUEST_PAGE_SHIFTS",
     "PERM_RWX",
     "PUD_SHIFT",
+    "CopyL1Pages",
     "GuestRegion",
     "Hcall",
     "L1Hypervisor",
+    "L1Step",
     "L2Guest",
     "MemslotSpec",
     "RptInvalidate",

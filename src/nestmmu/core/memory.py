@@ -1,8 +1,9 @@
 """Simulated physical memory: sparse 4 KiB chunks of bytes holding big-endian 8-byte entries.
 
 Page tables live *inside* this memory as real table pages (as on hardware), so a walk is a
-sequence of 8-byte loads that can fail or be counted.  Data pages are never materialised: the
-model tracks translations, not data, except for the bytes hypervisors store in tables.
+sequence of 8-byte loads that can fail or be counted.  Data frames hold bytes only where
+something stored them (data mode, see :mod:`.data`): a never-written chunk reads as zero and
+takes no room, so translation-only runs cost nothing here.
 """
 
 from __future__ import annotations
@@ -105,6 +106,30 @@ class SimMemory:
                 else:
                     chunk[off : off + n] = bytes(n)
             addr += n
+
+    def copy(self, dst: int, src: int, length: int) -> None:
+        """Copy a range chunk by chunk (a page migration's copy); absent chunks stay sparse.
+
+        Both ranges must start on a chunk boundary and length be a multiple of the chunk."""
+        if (dst | src | length) & (_CHUNK - 1):
+            raise ValueError(f"copy of {length:#x} bytes {src:#x} -> {dst:#x} is not chunk aligned")
+        self._check(src, max(length, 1))
+        self._check(dst, max(length, 1))
+        for off in range(0, length, _CHUNK):
+            chunk = self._chunks.get((src + off) >> _CHUNK_SHIFT)
+            if chunk is None:
+                self._chunks.pop((dst + off) >> _CHUNK_SHIFT, None)
+            else:
+                self._chunks[(dst + off) >> _CHUNK_SHIFT] = bytearray(chunk)
+
+    def snapshot(self, addr: int, length: int) -> dict[int, bytes]:
+        """The written chunks of a chunk-aligned range, keyed by offset (a page swapped out)."""
+        return {off: bytes(c) for off in range(0, length, _CHUNK) if (c := self._chunks.get((addr + off) >> _CHUNK_SHIFT)) is not None}
+
+    def restore(self, addr: int, snap: dict[int, bytes]) -> None:
+        """Put a snapshot back at addr (the page swapped in, maybe into another frame)."""
+        for off, data in snap.items():
+            self._chunks[(addr + off) >> _CHUNK_SHIFT] = bytearray(data)
 
     def resident_bytes(self) -> int:
         return len(self._chunks) * _CHUNK

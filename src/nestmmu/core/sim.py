@@ -11,29 +11,32 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import formats as f
 from .audit import AuditReport, audit
+from .data import DataVcpu
 from .effects import (
     AccessResult,
     AcquireTlbLock,
     Effect,
     Invalidation,
     Op,
+    Outcome,
     Preempt,
     ReadL1Memory,
     ReflectExit,
     ReleaseTlbLock,
     Scope,
+    WaitHostPage,
     WalkL1Tree,
     WriteL1Memory,
     run_sync,
 )
 from .formats import Access
 from .l0 import ConfigError, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
-from .l1 import GuestRegion, Hcall, L1Hypervisor, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate, default_memslots
+from .l1 import CopyL1Pages, GuestRegion, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate, default_memslots
 from .radix import WalkResult
 from .vcpu import Vcpu
 from .workload import WorkloadSpec, generate
@@ -46,6 +49,7 @@ class VcpuSession:
     l1_lpid: int
     vcpu: Vcpu
     gp: KvmNestedGuest
+    data: DataVcpu | None = field(default=None)
 
 
 class InProcessCluster:
@@ -85,6 +89,9 @@ class InProcessCluster:
             return None
         if isinstance(eff, ReleaseTlbLock):
             self.locks_held.discard(id(eff.gp))
+            return None
+        if isinstance(eff, WaitHostPage):
+            # Host operations here run both phases at once, so nothing is ever mid-move.
             return None
         if isinstance(eff, Preempt):
             if self.preempt_hook is not None:
@@ -129,6 +136,11 @@ class InProcessCluster:
             rc = self.drive(l0.h_tlb_invalidate(vm, h.instr, h.rs, h.rb))
         elif isinstance(h, RptInvalidate):
             rc = self.drive(l0.h_rpt_invalidate(vm, h.id, h.target, h.type, h.pg_sizes, h.start, h.end))
+        elif isinstance(h, CopyL1Pages):
+            rc = l0.l1_zero_memory(vm, h.dst, h.length) if h.zero else l0.l1_copy_memory(vm, h.dst, h.src, h.length)
+        elif isinstance(h, L1Step):
+            h.run()
+            rc = f.H.SUCCESS
         else:  # pragma: no cover
             raise TypeError(f"unknown hcall {h!r}")
         self.deliver(l0.take_invalidations())
@@ -138,8 +150,10 @@ class InProcessCluster:
     def issue_all(self, l1_name: str, hcalls: list[Hcall]) -> list[int]:
         return [self.issue(l1_name, h) for h in hcalls]
 
-    def create_guest(self, l1_name: str, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None) -> int:
-        guest, hcalls = self.l1s[l1_name].create_guest(lpid, page_shift, memory, regions)
+    def create_guest(
+        self, l1_name: str, lpid: int = 0, page_shift: int = 16, memory: int = 64 << 20, regions: list[GuestRegion] | None = None, data: bool = False
+    ) -> int:
+        guest, hcalls = self.l1s[l1_name].create_guest(lpid, page_shift, memory, regions, data=data)
         self.issue_all(l1_name, hcalls)
         return guest.lpid
 
@@ -191,10 +205,75 @@ class InProcessCluster:
                 vcpu.apply(res)
             send = vcpu.next_round()
 
-    def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0) -> Counter[str]:
+    def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0, data: bool = False) -> Counter[str]:
         for addrs, kinds in generate(spec, vcpu_index):
-            self.run_batch(s, addrs, kinds)
+            if data:
+                self.run_data_batch(s, addrs, kinds, vcpu_index)
+            else:
+                self.run_batch(s, addrs, kinds)
         return s.vcpu.stats
+
+    # ---------------------------------------------------------------- data mode
+    def data_vcpu(self, s: VcpuSession, vcpu_index: int = 0, fresh: bool = False) -> DataVcpu:
+        """The vCPU's data path; ``fresh``: the guest is new, so unwritten words must read 0."""
+        if s.data is None:
+            s.data = DataVcpu(s.vcpu, vcpu_index, initial_zero=fresh)
+        return s.data
+
+    def run_data_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int], vcpu_index: int = 0) -> None:
+        """Data mode: messages of TLB hits ended by one miss; every access is a memory
+        operation in L0 at the host address the vCPU translated (see :mod:`.data`)."""
+        dv = self.data_vcpu(s, vcpu_index)
+        vcpu = s.vcpu
+        l0 = self.l0
+        start = 0
+        while start < len(addrs):
+            msg = dv.message(addrs, kinds, start)
+            start += len(msg.addrs)
+            done: list[bool] = []
+            loaded: list[int] = []
+            for addr, kind, value, host in zip(msg.addrs, msg.kinds, msg.values, msg.hosts, strict=True):
+                if not host:
+                    res = self.drive(l0.run_access(s.gp, vcpu.vcpu_id, addr, Access(kind)))
+                    vcpu.apply(res)
+                    t = res.translation
+                    if res.outcome is Outcome.FILL and t is not None:
+                        host = t.host + (addr - t.page)
+                if host:
+                    loaded.append(l0.data_access(host, kind, value))
+                    done.append(True)
+                else:
+                    loaded.append(0)
+                    done.append(False)
+            dv.complete(msg, done, loaded)
+
+    def data_counters(self) -> dict[str, int]:
+        """The checker's counters summed over every vCPU in data mode."""
+        out: Counter[str] = Counter()
+        for s in self.sessions.values():
+            if s.data is not None:
+                out.update(s.data.checker.counters())
+        return dict(sorted(out.items()))
+
+    def lost_write_details(self) -> list[dict[str, object]]:
+        return [{"vcpu": s.name, **d.as_dict()} for s in self.sessions.values() if s.data is not None for d in s.data.checker.details]
+
+    # ---------------------------------------------------------------- host events (two phases)
+    def host_migrate(self, l1_name: str, gpa: int) -> tuple[int, int, int]:
+        """Migrate a host page as the kernel does: unmap + tlbie, tlbsync, then copy."""
+        vm = self.vms[l1_name]
+        removed, old, new, chunk = self.l0.host_invalidate_start(vm, gpa, migrate=True)
+        self.deliver(self.l0.take_invalidations())
+        self.l0.host_invalidate_finish(vm, chunk)
+        return removed, old, new
+
+    def host_unmap(self, l1_name: str, gpa: int) -> int:
+        """Swap a host page out: unmap + tlbie, tlbsync, then save its contents and free it."""
+        vm = self.vms[l1_name]
+        removed, _, _, chunk = self.l0.host_invalidate_start(vm, gpa, migrate=False)
+        self.deliver(self.l0.take_invalidations())
+        self.l0.host_invalidate_finish(vm, chunk)
+        return removed
 
     # ---------------------------------------------------------------- audit
     def walk(self, l1_name: str, pate_dw0: int, n_gpa: int) -> WalkResult:
@@ -228,4 +307,46 @@ def demo_cluster(seed: int = 1, accesses: int = 20_000, config: L0Config | None 
     sessions = [c.attach_vcpu("l1a", lp_a1, 0), c.attach_vcpu("l1a", lp_a1, 1), c.attach_vcpu("l1a", lp_a2, 0), c.attach_vcpu("l1b", lp_b1, 0)]
     for i, s in enumerate(sessions):
         c.run_workload(s, WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=40 << 20), vcpu_index=i)
+    return c
+
+
+def data_churn_cluster(seed: int = 1, accesses: int = 5_000, data: bool = True, batch_size: int = 256) -> InProcessCluster:
+    """Two L1s, two guests (64K and 2M pages), four vCPUs, a seeded workload cut by churn:
+    L1 unmaps (swap-out) and remaps (page migration), host migrations and host swap-outs.
+    With ``data`` the guests are data guests and the vCPUs run in data mode (checked)."""
+    c = InProcessCluster()
+    for l1_name in ("l1a", "l1b"):
+        c.add_l1(l1_name)
+    la = c.create_guest("l1a", page_shift=16, memory=64 << 20, data=data)
+    lb = c.create_guest("l1b", page_shift=21, memory=64 << 20, data=data)
+    sessions = [c.attach_vcpu("l1a", la, 0), c.attach_vcpu("l1a", la, 1), c.attach_vcpu("l1b", lb, 0), c.attach_vcpu("l1b", lb, 1)]
+    spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, batch_size=batch_size)
+    streams = [generate(spec, i) for i in range(len(sessions))]
+    if data:
+        for i, s in enumerate(sessions):
+            c.data_vcpu(s, i, fresh=True)
+    ga, gb = c.l1s["l1a"].guests[la], c.l1s["l1b"].guests[lb]
+    for step, batches in enumerate(zip(*streams, strict=True)):
+        for i, (s, (addrs, kinds)) in enumerate(zip(sessions, batches, strict=True)):
+            if data:
+                c.run_data_batch(s, addrs, kinds, i)
+            else:
+                c.run_batch(s, addrs, kinds)
+        k = step % 4
+        if k == 0:
+            c.issue_all("l1a", c.l1s["l1a"].unmap_pages(la, (step * 7 % 25) << 16, 2 << 16)[1])
+            c.issue_all("l1b", c.l1s["l1b"].remap_pages(lb, (step % 8) << 21, 1 << 21)[1])
+        elif k == 1:
+            c.issue_all("l1a", c.l1s["l1a"].remap_pages(la, (step * 5 % 25) << 16, 3 << 16)[1])
+            c.issue_all("l1b", c.l1s["l1b"].unmap_pages(lb, (step % 8) << 21, 1 << 21)[1])
+        elif k == 2:
+            for g, name in ((ga, "l1a"), (gb, "l1b")):
+                if g.backing:
+                    pages = sorted(g.backing)
+                    c.host_migrate(name, g.backing[pages[step % len(pages)]])
+        else:
+            for g, name in ((ga, "l1a"), (gb, "l1b")):
+                if g.backing:
+                    pages = sorted(g.backing)
+                    c.host_unmap(name, g.backing[pages[(step * 3) % len(pages)]])
     return c

@@ -30,6 +30,8 @@ class WorkloadSpec:
     ifetch_fraction: float = 0.05
     batch_size: int = 1024
     trace_path: str = ""
+    data: bool = False  # data mode: stores carry values, loads are checked (see .data)
+    data_fresh: bool = False  # data mode on a new guest: words never stored must read zero
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
