@@ -231,28 +231,36 @@ class RunStream:
         for addrs, kinds in generate(spec, vcpu_index):
             start = 0
             while start < len(addrs):
-                with self.lock:  # the reader thread applies tlbies to the same TLB
+                if self.failure is not None:
+                    raise VcpuFailed(self.failure)
+                # Translate and enqueue under one hold of the lock: the reader thread applies
+                # tlbies and queues their acks under it, so an ack can never reach L0 ahead of
+                # a batch built from a translation that ack retired (L0 copies a moved frame
+                # once the ack is in; a store that overtook it would land in the old frame).
+                with self.lock:
                     msg = dv.message(addrs, kinds, start)
+                    self._send_data_batch(msg)
                 start += len(msg.addrs)
-                loaded, done = await self._data_round(msg)
+                loaded, done = await self._data_round()
                 with self.lock:
                     dv.complete(msg, [bool(d) for d in done], loaded)
             await asyncio.sleep(0)  # let the reader apply and ack pending tlbies
             if self.failure is not None:
                 raise VcpuFailed(self.failure)
 
-    async def _data_round(self, msg: DataMessage) -> tuple[list[int], bytes]:
-        if self.failure is not None:
-            raise VcpuFailed(self.failure)
+    def _send_data_batch(self, msg: DataMessage) -> None:
+        """Queue one data batch (the caller holds the vCPU lock, see _run_data)."""
         self._batch_id += 1
         batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=msg.addrs, kinds=bytes(msg.kinds), data=True, values=msg.values, host_addresses=msg.hosts)
-        with self.lock:
-            self._data_result = None
-            self._batch_open = True
-            self.stats["batches_sent"] += 1
+        self._data_result = None
+        self._batch_open = True
+        self.stats["batches_sent"] += 1
         self._done.clear()
         self._progress = time.monotonic()
         self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
+
+    async def _data_round(self) -> tuple[list[int], bytes]:
+        """Wait for the results and loaded values of the batch _send_data_batch queued."""
         while not self._done.is_set():
             try:
                 await asyncio.wait_for(self._done.wait(), 1.0)
