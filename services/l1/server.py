@@ -20,7 +20,7 @@ from nestmmu.core.l0 import ConfigError
 from nestmmu.core.l1 import GUEST_PAGE_SHIFTS, PERM_RWX, GuestRegion, Hcall, L1Hypervisor, L2Guest, default_memslots
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
-from ..common import abort_invalid, serve_forever
+from ..common import Health, abort_invalid, serve_forever
 from .session import L0Session, L0Unavailable, walk_to_proto
 
 if TYPE_CHECKING:
@@ -271,6 +271,9 @@ async def serve(
     """
     servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate)
     serving = asyncio.Event()
+    # NOT_SERVING whenever there is no session with L0 (every CreateGuest would fail).
+    health_state = Health(serving=False)
+    servicer.session.on_connected = health_state.set
     servicer.start()
 
     async def signal_ready() -> None:
@@ -282,7 +285,14 @@ async def serve(
     waiter = asyncio.create_task(signal_ready())
     try:
         await serve_forever(
-            "l1", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=serving, gate=servicer.session.registered.wait
+            "l1",
+            port,
+            lambda server: add_to_server(server, servicer),
+            on_stop=servicer.stop,
+            host=host,
+            ready=serving,
+            gate=servicer.session.registered.wait,
+            health_state=health_state,
         )
     finally:
         waiter.cancel()

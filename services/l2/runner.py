@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -33,7 +33,7 @@ from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
 
-from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
+from ..common import RPC_DEADLINE, insecure_channel, metadata_with_request_id, new_request_id
 
 log = structlog.get_logger("l2.vcpu")
 
@@ -103,7 +103,7 @@ class RunStream:
 
     # ------------------------------------------------------------------ workload side
     async def run(self, spec: WorkloadSpec, vcpu_index: int) -> None:
-        async with grpc.aio.insecure_channel(self.l0_address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        async with insecure_channel(self.l0_address) as channel:
             stub = l0_pb2_grpc.L0ServiceStub(channel)
             self.out.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=self.run_token)))
             call = stub.Run(_drain(self.out), metadata=metadata_with_request_id())  # long-lived: no deadline
@@ -245,7 +245,7 @@ class RunStream:
 
 async def attach(l1_address: str, lpid: int, vcpu_id: int) -> l1_pb2.AttachVcpuResponse:
     """AttachVcpu through L1 (H_ENTER_NESTED); VcpuFailed if L1 is unreachable or refuses."""
-    async with grpc.aio.insecure_channel(l1_address) as channel:
+    async with insecure_channel(l1_address) as channel:
         try:
             resp: l1_pb2.AttachVcpuResponse = await l1_pb2_grpc.L1ServiceStub(channel).AttachVcpu(
                 l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=vcpu_id), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
@@ -268,6 +268,7 @@ async def run_vcpu(
     live: dict[int, LiveVcpu] | None = None,
     details: list[str] | None = None,
     attach_lock: asyncio.Lock | None = None,
+    on_l0: Callable[[str], None] | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
@@ -289,6 +290,8 @@ async def run_vcpu(
                 resp = await attach(l1_address, lpid, vcpu_id)
         else:
             resp = await attach(l1_address, lpid, vcpu_id)
+        if on_l0 is not None:  # the L2's health watches the L0s its vCPUs run on
+            on_l0(resp.l0_address)
         rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token)
         stats = rs.stats
         if live is not None:
