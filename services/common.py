@@ -12,6 +12,7 @@ import contextvars
 import inspect
 import logging
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -274,6 +275,20 @@ async def abort_invalid(context: grpc.aio.ServicerContext, fld: str, desc: str) 
     await context.abort_with_status(bad_request(f"{fld}: {desc}", [(fld, desc)]))
 
 
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (e.g. "address already in use"), or None if it can."""
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is fine
+            s.bind(addr)
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    return None
+
+
 class ListenError(Exception):
     """The server could not bind its port (the CLI prints it as one line and exits 3)."""
 
@@ -305,6 +320,9 @@ async def serve_forever(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    problem = _cannot_bind(host, port)  # ask the OS first: grpc would log its own error lines
+    if problem:
+        raise ListenError(f"{name}: cannot listen on {host}:{port} ({problem})")
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio raises when the bind fails (port in use, address not local)
