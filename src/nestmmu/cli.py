@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: {e}", file=sys.stderr)
             return EXIT_CANNOT_RUN
         if isinstance(e, grpc.RpcError):
-            print(f"{prog}: a service {cluster.describe_rpc_error(e)}", file=sys.stderr)
+            who = f"L0 at {args.l0}" if args.command in ("audit", "stats") else "a service"  # the only address they use
+            print(f"{prog}: {who} {cluster.describe_rpc_error(e)}", file=sys.stderr)
             return EXIT_CANNOT_RUN
         raise
 

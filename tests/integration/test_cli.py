@@ -239,3 +239,26 @@ def test_churn_migrates_only_host_backed_pages(tmp_path: Path) -> None:
         counts = asyncio.run(scenario(c))
     assert "churn_errors" not in counts, counts
     assert counts.get("host_migrations", 0) > 0 and counts.get("migrations_skipped_mmio", 0) > 0, counts
+
+
+def test_method_not_found_is_one_line_exit_3() -> None:
+    """A server that says it serves L0Service in health but does not implement Audit (grpc's
+    "Method not found!"): one line naming the address, not a traceback."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    hs = health.HealthServicer()
+    hs.set("nestmmu.l0.v1.L0Service", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        r = run("audit", "--l0", f"127.0.0.1:{port}")
+        s = run("stats", "--l0", f"127.0.0.1:{port}")
+    finally:
+        server.stop(None)
+    assert r.returncode == s.returncode == cli.EXIT_CANNOT_RUN
+    assert one_line(r) == f"nestmmu audit: L0 at 127.0.0.1:{port} does not implement this call (another kind of service listens there?)"
+    assert one_line(s) == f"nestmmu stats: L0 at 127.0.0.1:{port} does not implement this call (another kind of service listens there?)"

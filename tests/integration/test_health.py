@@ -132,9 +132,10 @@ def test_run_cancelled_right_after_attach_logs_no_traceback(lc: cluster.LocalClu
                         yield r
                     await asyncio.Event().wait()  # keep the stream open until cancelled
 
-                call = l0.Run(requests())  # type: ignore[arg-type]
-                assert (await call.read()).WhichOneof("message") == "attached"
-                assert (await call.read()).WhichOneof("message") == "results"
+                call = l0.Run(requests())
+                for want in ("attached", "results"):
+                    msg = await call.read()
+                    assert isinstance(msg, l0_pb2.RunResponse) and msg.WhichOneof("message") == want
                 call.cancel()  # right after attach, with results still coming
             deadline = time.monotonic() + 10
             while dict((await l0.GetStats(l0_pb2.GetStatsRequest(), timeout=10)).counters.values).get("svc.run_streams_closed", 0) - before < n:
@@ -149,7 +150,7 @@ def test_run_cancelled_right_after_attach_logs_no_traceback(lc: cluster.LocalClu
 
 
 def _bad_request(e: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
-    st = rpc_status.from_call(e)  # type: ignore[arg-type]
+    st = rpc_status.from_call(e)
     assert st is not None
     br = error_details_pb2.BadRequest()
     assert st.details[0].Unpack(br)
