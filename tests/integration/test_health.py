@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from nestmmu import cluster
-from nestmmu.protos import L0_SERVICE_NAME, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
+from nestmmu.protos import L0_SERVICE_NAME, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 from nestmmu.services import common
 
 pytestmark = [pytest.mark.integration]
@@ -95,6 +95,26 @@ def test_l1_and_l2_health_follow_l0_down_and_up() -> None:
         "SERVING",
     ]
     assert '"serving": false' in l2_log and '"serving": true' in l2_log
+
+
+def test_l2_without_l0_flag_watches_the_l0_its_vcpus_used() -> None:
+    with cluster.local_cluster(("l1a",)) as c:
+
+        async def scenario() -> None:
+            assert await _status(c.l2) == SERVING  # no L0 known yet: nothing to follow
+            async with cluster.insecure_channel(c.l2) as ch:
+                wl = l2_pb2.Workload(pattern="hot", accesses=100, seed=1, footprint_bytes=1 << 20)
+                r = await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=c.l1s["l1a"], vcpus=1, workload=wl), timeout=60)
+                assert r.report.errors == 0 and r.report.accesses == 100
+            assert await _status(c.l2) == SERVING
+            c.procs[0].kill()
+            c.procs[0].wait()
+            await _wait_status(c.l2, NOT_SERVING, HEALTH_FLIP_BOUND)
+            port = c.l0.rsplit(":", 1)[1]
+            c.procs[0] = cluster._spawn(["serve", "l0", "--host", "127.0.0.1", "--port", port], f"{c.log_dir}/l0.log")
+            await _wait_status(c.l2, SERVING, HEALTH_FLIP_BOUND + 5)
+
+        asyncio.run(scenario())
 
 
 @pytest.fixture(scope="module")
