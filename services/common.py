@@ -50,6 +50,9 @@ SERVER_MIN_PING_INTERVAL_MS = 5_000
 #: Servers ping idle clients (a vCPU or L1 that vanished without a FIN) every
 #: SERVER_KEEPALIVE_MS: a dead client is noticed within 20 s + 5 s.
 SERVER_KEEPALIVE_MS = 20_000
+# grpcio 1.85 closes a transport whose ping went unanswered after grpc.http2.ping_timeout_ms
+# (default 60 s), not after keepalive_timeout_ms alone: both are set to KEEPALIVE_TIMEOUT_MS
+# (measured: a SIGSTOPped server is noticed after 15 s with it, not within 40 s without).
 MAX_MESSAGE_BYTES = 64 << 20
 
 _MESSAGE_OPTIONS: list[tuple[str, int]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -62,6 +65,7 @@ def server_options() -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
@@ -77,6 +81,7 @@ def channel_options() -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         *_MESSAGE_OPTIONS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: L1 sees its Connect stream break at once when L0's process dies (the socket closes); the L2's
 #: Watch stream likewise. Back up again: L1's reconnect backoff (<= 2 s) plus registration.
 HEALTH_FLIP_BOUND = 5.0
+#: A peer that stops answering (SIGSTOP) is noticed by a client's keepalive within
+#: keepalive_time + keepalive_timeout (docs/design-notes.md, "Connection health").
+DEAD_PEER_BOUND = (common.CLIENT_KEEPALIVE_MS + common.KEEPALIVE_TIMEOUT_MS) / 1000
 
 
 def test_keepalive_policy_agrees_between_clients_and_servers() -> None:
@@ -37,6 +41,9 @@ def test_keepalive_policy_agrees_between_clients_and_servers() -> None:
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
     assert server["grpc.keepalive_permit_without_calls"] == client["grpc.keepalive_permit_without_calls"] == 1
     assert client["grpc.http2.max_pings_without_data"] == 0  # idle streams keep being probed
+    # grpcio enforces an unanswered ping with ping_timeout_ms (default 60 s), not keepalive_timeout_ms.
+    assert client["grpc.http2.ping_timeout_ms"] == client["grpc.keepalive_timeout_ms"]
+    assert server["grpc.http2.ping_timeout_ms"] == server["grpc.keepalive_timeout_ms"]
     assert server["grpc.so_reuseport"] == 0
     # The documented dead-peer bounds (docs/design-notes.md, "Connection health").
     assert (client["grpc.keepalive_time_ms"] + client["grpc.keepalive_timeout_ms"]) / 1000 == 15
@@ -60,7 +67,7 @@ async def _wait_status(address: str, want: int, bound: float) -> float:
     return time.monotonic() - t0
 
 
-def test_l1_and_l2_health_follow_l0_down_and_up() -> None:
+def test_l1_and_l2_health_follow_l0_down_up_and_frozen() -> None:
     with cluster.local_cluster(("l1a",), l2_watch_l0=True) as c:
         l1, l2 = c.l1s["l1a"], c.l2
 
@@ -82,14 +89,26 @@ def test_l1_and_l2_health_follow_l0_down_and_up() -> None:
             async with cluster.insecure_channel(l1) as ch:
                 r = await l1_pb2_grpc.L1ServiceStub(ch).CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=1 << 20), timeout=10)
                 assert r.lpid > 0
+            # A frozen L0 (its sockets stay open): only keepalive can tell, within its bound.
+            os.kill(c.procs[0].pid, signal.SIGSTOP)
+            try:
+                await _wait_status(l1, NOT_SERVING, DEAD_PEER_BOUND + 1)
+                await _wait_status(l2, NOT_SERVING, DEAD_PEER_BOUND + 1)
+            finally:
+                os.kill(c.procs[0].pid, signal.SIGCONT)
+            await _wait_status(l1, SERVING, HEALTH_FLIP_BOUND + 5)
+            await _wait_status(l2, SERVING, HEALTH_FLIP_BOUND + 5)
 
         asyncio.run(scenario())
         with open(f"{c.log_dir}/l1a.log", encoding="utf-8") as fh:
             l1_log = fh.read()
         with open(f"{c.log_dir}/l2.log", encoding="utf-8") as fh:
             l2_log = fh.read()
-    # Each flip is logged: SERVING (registered), NOT_SERVING (L0 died), SERVING (back).
+    # Each flip is logged: SERVING (registered), NOT_SERVING (L0 died), SERVING (back),
+    # NOT_SERVING (L0 frozen), SERVING (thawed).
     assert re.findall(r'"status": "(\w+)"', "\n".join(line for line in l1_log.splitlines() if '"event": "health"' in line)) == [
+        "SERVING",
+        "NOT_SERVING",
         "SERVING",
         "NOT_SERVING",
         "SERVING",
