@@ -20,7 +20,8 @@ from nestmmu.core.l0 import ConfigError
 from nestmmu.core.l1 import GUEST_PAGE_SHIFTS, PERM_RWX, GuestRegion, Hcall, L1Hypervisor, L2Guest, default_memslots
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
-from ..common import Health, abort_invalid, serve_forever
+from ..common import abort_invalid, serve_forever
+from ..connection import Health
 from .session import L0Session, L0Unavailable, walk_to_proto
 
 if TYPE_CHECKING:

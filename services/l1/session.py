@@ -36,7 +36,8 @@ from nestmmu.core.radix import WalkResult
 from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import EXIT_TO_PB
 
-from ..common import REQUEST_ID_KEY, RPC_DEADLINE, insecure_channel, new_request_id, request_id_var
+from ..common import REQUEST_ID_KEY, RPC_DEADLINE, new_request_id, request_id_var
+from ..connection import insecure_channel
 
 log = structlog.get_logger("l1.session")
 

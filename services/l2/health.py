@@ -16,7 +16,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..common import insecure_channel
+from ..connection import insecure_channel
 
 log = structlog.get_logger("l2.health")
 

@@ -33,7 +33,8 @@ from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
 
-from ..common import RPC_DEADLINE, insecure_channel, metadata_with_request_id, new_request_id
+from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
+from ..connection import insecure_channel
 
 log = structlog.get_logger("l2.vcpu")
 

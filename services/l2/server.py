@@ -24,7 +24,8 @@ from nestmmu.core.l1 import GUEST_PAGE_SHIFTS
 from nestmmu.core.workload import WorkloadSpec
 from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
-from ..common import RPC_DEADLINE, Health, abort_invalid, insecure_channel, metadata_with_request_id, serve_forever
+from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
+from ..connection import Health, insecure_channel
 from .health import L0Watch
 from .runner import LiveVcpu, run_vcpu
 

@@ -115,7 +115,7 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nestmmu.services.common import ListenError
+    from nestmmu.services.connection import ListenError
 
     try:
         return _serve(args)

@@ -22,14 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
-from nestmmu.services import common as _common
+from nestmmu.services import connection as _connection
 
 DEADLINE = 60.0  # seconds; every RPC here carries a deadline
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A client channel with the keepalive policy every nestmmu client uses (services/common.py)."""
-    return grpc.aio.insecure_channel(address, options=_common.channel_options())
+    """A client channel with the keepalive policy every nestmmu client uses (services/connection.py)."""
+    return grpc.aio.insecure_channel(address, options=_connection.channel_options())
 
 
 class ServiceProblem(Exception):

@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from nestmmu import cluster
 from nestmmu.protos import L0_SERVICE_NAME, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
-from nestmmu.services import common
+from nestmmu.services import connection
 
 pytestmark = [pytest.mark.integration]
 
@@ -31,12 +31,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_FLIP_BOUND = 5.0
 #: A peer that stops answering (SIGSTOP) is noticed by a client's keepalive within
 #: keepalive_time + keepalive_timeout (docs/design-notes.md, "Connection health").
-DEAD_PEER_BOUND = (common.CLIENT_KEEPALIVE_MS + common.KEEPALIVE_TIMEOUT_MS) / 1000
+DEAD_PEER_BOUND = (connection.CLIENT_KEEPALIVE_MS + connection.KEEPALIVE_TIMEOUT_MS) / 1000
 
 
 def test_keepalive_policy_agrees_between_clients_and_servers() -> None:
-    server = dict(common.server_options())
-    client = dict(common.channel_options())
+    server = dict(connection.server_options())
+    client = dict(connection.channel_options())
     # A client pinging more often than the server allows gets GOAWAY too_many_pings.
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
     assert server["grpc.keepalive_permit_without_calls"] == client["grpc.keepalive_permit_without_calls"] == 1

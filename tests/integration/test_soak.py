@@ -1,6 +1,6 @@
 """Soak: the cluster stays up, idle and at a trickle of traffic, for SOAK_SECONDS.
 
-Before the keepalive policy was shared (services/common.py), L1's 10 s keepalive pings met
+Before the keepalive policy was shared (services/connection.py), L1's 10 s keepalive pings met
 L0's default server policy (pings without data at most every 5 minutes, 2 strikes): L0 sent
 GOAWAY too_many_pings after 2-3.5 minutes, the Connect stream ended and L0 released every
 guest and vCPU of that L1. This test runs L0, two L1s and an L2 (watching L0's health) as
