@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from .connection import CorruptRequestInterceptor, Health, ListenError, cannot_bind, server_options
+
 REQUEST_ID_KEY = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -120,23 +122,30 @@ async def serve_forever(
     host: str = "0.0.0.0",
     ready: asyncio.Event | None = None,
     gate: Callable[[], Awaitable[object]] | None = None,
+    health_state: Health | None = None,
 ) -> None:
     """Start a grpc.aio server with health and reflection, serve until SIGTERM/SIGINT.
 
     Health says NOT_SERVING until ``gate`` (if given) completes: an L1 is not usable before
-    it has registered with L0, and orchestrators start dependants on health.
+    it has registered with L0, and orchestrators start dependants on health. After the gate,
+    ``health_state`` (if given) decides: the service flips it when it loses or regains what it
+    needs (see :class:`Health`).
     """
     log = structlog.get_logger(name)
-    server = grpc.aio.server(
-        interceptors=[RequestIdInterceptor(name)], options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    )
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor(name), CorruptRequestInterceptor()], options=server_options())
     services = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    problem = cannot_bind(host, port)  # ask the OS first: grpc would log its own error lines
+    if problem:
+        raise ListenError(f"{name}: cannot listen on {host}:{port} ({problem})")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises when the bind fails (port in use, address not local)
+        bound = 0
     if bound == 0:
-        raise SystemExit(f"{name}: cannot listen on {host}:{port}")
+        raise ListenError(f"{name}: cannot listen on {host}:{port} (address in use or not available)")
     await server.start()
     for svc in [*services, ""]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -144,8 +153,14 @@ async def serve_forever(
     async def mark_serving() -> None:
         if gate is not None:
             await gate()
-        for svc in [*services, ""]:
-            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+        async def apply(serving: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for svc in [*services, ""]:
+                await health_servicer.set(svc, status)
+            log.info("health", status=health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+        await (health_state or Health()).bind(apply)
         log.info("serving", port=bound, services=services)
         if ready is not None:
             ready.set()
@@ -158,6 +173,8 @@ async def serve_forever(
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     became_ready.cancel()
+    if health_state is not None:
+        await health_state.bind(None)
     log.info("stopping")
     for svc in [*services, ""]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -517,7 +517,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         s.streams.add(st)
         self.streams.setdefault(gp.shadow_lpid, set()).add(st)
         self.stats["run_streams_opened"] += 1
-        bound = structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
+        structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
         log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
         batches: asyncio.Queue[l0_pb2.AccessBatch | None] = asyncio.Queue()
         reader = asyncio.create_task(self._read_run(st, it, batches))
@@ -538,7 +538,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             reader.cancel()
             worker.cancel()
             self._drop_stream(st, None)
-            structlog.contextvars.reset_contextvars(**bound)
+            # unbind, not reset(token): a cancelled stream's generator may be finalised in
+            # another Context, where resetting this Context's tokens raises ValueError.
+            structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
 
     async def _read_run(self, st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
         try:

@@ -22,6 +22,7 @@ from nestmmu.limits import MAX_GUEST_REGIONS, MAX_TREE_OP_PAGES
 from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
+from ..connection import Health
 from .session import L0Session, L0Unavailable, run_remaining_steps, walk_to_proto
 from .treeops import GuestGone, MakeChunks, TreeOps
 
@@ -297,6 +298,9 @@ async def serve(
     """
     servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate)
     serving = asyncio.Event()
+    # NOT_SERVING whenever there is no session with L0 (every CreateGuest would fail).
+    health_state = Health(serving=False)
+    servicer.session.on_connected = health_state.set
     servicer.start()
 
     async def signal_ready() -> None:
@@ -308,7 +312,14 @@ async def serve(
     waiter = asyncio.create_task(signal_ready())
     try:
         await serve_forever(
-            "l1", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=serving, gate=servicer.session.registered.wait
+            "l1",
+            port,
+            lambda server: add_to_server(server, servicer),
+            on_stop=servicer.stop,
+            host=host,
+            ready=serving,
+            gate=servicer.session.registered.wait,
+            health_state=health_state,
         )
     finally:
         waiter.cancel()

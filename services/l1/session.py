@@ -37,6 +37,7 @@ from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import EXIT_TO_PB
 
 from ..common import REQUEST_ID_KEY, RPC_DEADLINE, new_request_id, request_id_var
+from ..connection import insecure_channel
 
 log = structlog.get_logger("l1.session")
 
@@ -135,6 +136,8 @@ class L0Session:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._call: grpc.aio.StreamStreamCall[l0_pb2.ConnectRequest, l0_pb2.ConnectResponse] | None = None
+        #: Called with True when a session with L0 is up, False when it ends (health).
+        self.on_connected: Callable[[bool], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -142,15 +145,7 @@ class L0Session:
         return self._stream is not None
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.l0_address,
-            options=[
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ],
-        )
+        self._channel = insecure_channel(self.l0_address)  # keepalive agreed with L0's server (common.py)
         self._stub = l0_pb2_grpc.L0ServiceStub(self._channel)
         self._task = asyncio.create_task(self.run(), name=f"l1-session-{self.name}")
 
@@ -220,6 +215,8 @@ class L0Session:
                         log.error("boot_hcall_failed", hcall=type(h).__name__, hcall_rc=hrc)
                 self._stream = stream
                 self.registered.set()
+                if self.on_connected is not None:
+                    self.on_connected(True)
                 await reader
             finally:
                 reader.cancel()
@@ -227,6 +224,8 @@ class L0Session:
                     await reader
             return True
         finally:
+            if self._stream is not None and self.on_connected is not None:
+                self.on_connected(False)
             self._stream = None
             self._call = None
             out.put_nowait(None)

@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -47,6 +47,7 @@ from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
+from ..connection import channel_options, insecure_channel
 
 log = structlog.get_logger("l2.vcpu")
 
@@ -137,7 +138,7 @@ class RunStream:
     # ------------------------------------------------------------------ workload side
     async def run(self, spec: WorkloadSpec, vcpu_index: int) -> None:
         self._loop = asyncio.get_running_loop()
-        channel = grpc.insecure_channel(self.l0_address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        channel = grpc.insecure_channel(self.l0_address, options=channel_options())  # the shared keepalive policy
         stub = l0_pb2_grpc.L0ServiceStub(channel)
         self.out.put_nowait(l0_pb2.RunRequest(attach=l0_pb2.RunAttach(run_token=self.run_token)))
         call = stub.Run(_drain(self.out), metadata=metadata_with_request_id())  # long-lived: no deadline
@@ -392,7 +393,7 @@ class RunStream:
 
 async def attach(l1_address: str, lpid: int, vcpu_id: int) -> l1_pb2.AttachVcpuResponse:
     """AttachVcpu through L1 (H_ENTER_NESTED); VcpuFailed if L1 is unreachable or refuses."""
-    async with grpc.aio.insecure_channel(l1_address) as channel:
+    async with insecure_channel(l1_address) as channel:
         try:
             resp: l1_pb2.AttachVcpuResponse = await l1_pb2_grpc.L1ServiceStub(channel).AttachVcpu(
                 l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=vcpu_id), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
@@ -416,6 +417,7 @@ async def run_vcpu(
     details: list[str] | None = None,
     attach_lock: asyncio.Lock | None = None,
     data_details: list[str] | None = None,
+    on_l0: Callable[[str], None] | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
@@ -437,6 +439,8 @@ async def run_vcpu(
                 resp = await attach(l1_address, lpid, vcpu_id)
         else:
             resp = await attach(l1_address, lpid, vcpu_id)
+        if on_l0 is not None:  # the L2's health watches the L0s its vCPUs run on
+            on_l0(resp.l0_address)
         rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token)
         stats = rs.stats
         if live is not None:

@@ -28,6 +28,8 @@ from nestmmu.limits import MAX_TOTAL_ACCESSES, MAX_TRACE_BYTES, MAX_VCPUS
 from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
+from ..connection import Health, insecure_channel
+from .health import L0Watch
 from .runner import GIL_SWITCH_INTERVAL_S, LiveVcpu, run_vcpu
 
 if TYPE_CHECKING:
@@ -113,19 +115,22 @@ def translation_of(page: int, host: int, shift: int, pte: int) -> common_pb2.Tra
 class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
     """L2Service: workloads on vCPUs of nested guests, their reports and TLBs."""
 
-    def __init__(self) -> None:
+    def __init__(self, l0_watch: L0Watch | None = None) -> None:
+        self.l0_watch = l0_watch
         self.reports: list[l2_pb2.WorkloadReport] = []
         self.live: dict[int, LiveVcpu] = {}
         self._tasks: set[asyncio.Task[Counter[str]]] = set()
         self._attach_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def stop(self) -> None:
+        if self.l0_watch is not None:
+            await self.l0_watch.stop()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _create_guest(self, context: Ctx, l1_address: str, page_shift: int, memory: int, data: bool = False) -> tuple[int, int]:
-        async with grpc.aio.insecure_channel(l1_address) as channel:
+        async with insecure_channel(l1_address) as channel:
             try:
                 resp = await l1_pb2_grpc.L1ServiceStub(channel).CreateGuest(
                     l1_pb2.CreateGuestRequest(page_shift=page_shift, memory_bytes=memory, data=data), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
@@ -178,7 +183,18 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         attach_lock = self._attach_locks.setdefault((request.l1_address, lpid), asyncio.Lock())
         tasks = [
             asyncio.create_task(
-                run_vcpu(request.l1_address, lpid, i, spec, i, live=self.live, details=details, attach_lock=attach_lock, data_details=data_details),
+                run_vcpu(
+                    request.l1_address,
+                    lpid,
+                    i,
+                    spec,
+                    i,
+                    live=self.live,
+                    details=details,
+                    attach_lock=attach_lock,
+                    data_details=data_details,
+                    on_l0=self.l0_watch.add if self.l0_watch is not None else None,
+                ),
                 name=f"vcpu-{lpid}-{i}",
             )
             for i in range(request.vcpus)
@@ -231,8 +247,17 @@ def add_to_server(server: grpc.aio.Server, servicer: L2Servicer) -> Iterable[str
     return [L2_SERVICE_NAME]
 
 
-async def serve(port: int, host: str = "0.0.0.0", ready: asyncio.Event | None = None) -> None:
-    """Serve L2Service on host:port until SIGTERM/SIGINT (``ready`` is set once listening)."""
-    servicer = L2Servicer()
+async def serve(port: int, host: str = "0.0.0.0", ready: asyncio.Event | None = None, l0: str | None = None) -> None:
+    """Serve L2Service on host:port until SIGTERM/SIGINT (``ready`` is set once listening).
+
+    Health: with ``l0`` the L2 watches that L0's health (grpc.health.v1 Watch) and is
+    NOT_SERVING while L0 is not SERVING; without it, it watches every L0 its vCPUs were sent
+    to and is NOT_SERVING while none of them is SERVING (SERVING before any vCPU ran).
+    """
+    health_state = Health(serving=l0 is None)
+    watch = L0Watch(health_state.set)
+    servicer = L2Servicer(watch)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # Run-stream threads ack tlbies while workloads run
-    await serve_forever("l2", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=ready)
+    if l0:
+        watch.add(l0)
+    await serve_forever("l2", port, lambda server: add_to_server(server, servicer), on_stop=servicer.stop, host=host, ready=ready, health_state=health_state)

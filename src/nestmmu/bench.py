@@ -24,10 +24,9 @@ import sys
 import time
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nestmmu.cluster import RawVcpu
+from nestmmu.cluster import RawVcpu, insecure_channel
 from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 
@@ -37,7 +36,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 async def raw_rtt_us(addr: str, n: int) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with insecure_channel(addr) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for _ in range(20):
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -50,14 +49,14 @@ async def raw_rtt_us(addr: str, n: int) -> dict[str, float]:
 
 
 async def _create_guest(l1: str, page_shift: int, memory: int) -> int:
-    async with grpc.aio.insecure_channel(l1) as ch:
+    async with insecure_channel(l1) as ch:
         r = await l1_pb2_grpc.L1ServiceStub(ch).CreateGuest(l1_pb2.CreateGuestRequest(page_shift=page_shift, memory_bytes=memory), timeout=30)
     return int(r.lpid)
 
 
 async def tlb_hits(l1: str, l2: str, accesses: int) -> dict[str, float]:
     lpid = await _create_guest(l1, 16, 16 << 20)
-    async with grpc.aio.insecure_channel(l2) as ch:
+    async with insecure_channel(l2) as ch:
         wl = l2_pb2.Workload(pattern="uniform", accesses=accesses, seed=7, footprint_bytes=4 << 16, store_fraction=0.3, ifetch_fraction=0.0, batch_size=4096)
         r = await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=l1, lpid=lpid, vcpus=1, workload=wl), timeout=600)
     rep = r.report
@@ -70,7 +69,7 @@ async def tlb_hits(l1: str, l2: str, accesses: int) -> dict[str, float]:
 
 
 async def _l0_stat(l0: str, key: str) -> int:
-    async with grpc.aio.insecure_channel(l0) as ch:
+    async with insecure_channel(l0) as ch:
         r = await l0_pb2_grpc.L0ServiceStub(ch).GetStats(l0_pb2.GetStatsRequest(), timeout=10)
     return int(r.counters.values.get(key, 0))
 
@@ -78,13 +77,13 @@ async def _l0_stat(l0: str, key: str) -> int:
 async def nested_faults(l0: str, l1: str, l2: str, per_vcpu: int, vcpus: int = 4) -> dict[str, float]:
     memory = 1 << 30
     lpid = await _create_guest(l1, 16, memory)
-    async with grpc.aio.insecure_channel(l1) as ch:
+    async with insecure_channel(l1) as ch:
         await l1_pb2_grpc.L1ServiceStub(ch).MapPages(
             l1_pb2.MapPagesRequest(lpid=lpid, n_gpa=0, length=memory, read=True, write=True, execute=True), timeout=120
         )
     before = await _l0_stat(l0, "l0.nested_faults")
     t = time.perf_counter()
-    async with grpc.aio.insecure_channel(l2) as ch:
+    async with insecure_channel(l2) as ch:
         wl = l2_pb2.Workload(pattern="uniform", accesses=per_vcpu, seed=11, footprint_bytes=memory, store_fraction=0.0, ifetch_fraction=0.0, batch_size=1024)
         await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=l1, lpid=lpid, vcpus=vcpus, workload=wl), timeout=600)
     dt = time.perf_counter() - t
@@ -94,7 +93,7 @@ async def nested_faults(l0: str, l1: str, l2: str, per_vcpu: int, vcpus: int = 4
 
 async def broadcast(l0: str, l1: str, rounds: int, vcpus: int = 8) -> dict[str, float]:
     lpid = await _create_guest(l1, 16, 64 << 20)
-    async with grpc.aio.insecure_channel(l1) as ch1, grpc.aio.insecure_channel(l0) as ch0:
+    async with insecure_channel(l1) as ch1, insecure_channel(l0) as ch0:
         l1s = l1_pb2_grpc.L1ServiceStub(ch1)
         l0s = l0_pb2_grpc.L0ServiceStub(ch0)
         cpus = []

@@ -22,12 +22,73 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+#: Exit codes, one convention for every subcommand.
+EXIT_OK = 0  # success
+EXIT_PROBLEM = 1  # the run completed but found a problem (violations, failed accesses, lost writes, leaks)
+EXIT_USAGE = 2  # bad arguments, a missing file
+EXIT_CANNOT_RUN = 3  # a service unreachable, a cluster that did not start, a port in use
+EXIT_INCONCLUSIVE = 4  # the audit could not look at something
+
+
+class CliError(Exception):
+    """A one-line error for stderr (``nestmmu CMD: message``) and the exit code to end with."""
+
+    def __init__(self, message: str, code: int = EXIT_CANNOT_RUN) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``nestmmu demo: argument --accesses: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def host_port(value: str) -> str:
+    """argparse type of every address argument: HOST:PORT with a port in 1..65535 (no default port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (the port is required)")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: port {port} is not in 1..65535")
+    if host.startswith("[") != host.endswith("]"):
+        raise argparse.ArgumentTypeError(f"{value!r}: an IPv6 host goes in brackets, [::1]:50051")
+    return value
+
+
+def named_host_port(value: str) -> str:
+    """NAME=HOST:PORT or HOST:PORT (the --l1 of workload)."""
+    host_port(value.rpartition("=")[2])
+    return value
+
+
+def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if hi is None and n < lo:
+            raise argparse.ArgumentTypeError(f"{n} is not allowed (must be at least {lo})")
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{n} is not in {lo}..{hi}")
+        return n
+
+    return parse
+
+
+port_number = _int_range(1, 65535)
+
 
 EPILOG = """examples:
   nestmmu demo --json | jq .audit
   nestmmu serve l0 --port 50051 --page-shift 16
   nestmmu audit --l0 127.0.0.1:50051 --json
+exit codes: 0 ok, 1 ran but found a problem, 2 usage, 3 could not run, 4 inconclusive.
 See README.md for the gRPC surface (grpcurl works: every server has reflection)."""
 
 
@@ -54,6 +115,15 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from nestmmu.services.connection import ListenError
+
+    try:
+        return _serve(args)
+    except ListenError as e:
+        raise CliError(str(e), EXIT_CANNOT_RUN) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
     from nestmmu.services.common import configure_logging
 
     configure_logging(args.log_level, json=args.log_json or None)
@@ -63,8 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve_l0(args.port or 50051, host=args.host, page_shift=args.page_shift, ack_timeout=args.ack_timeout, metrics_port=args.metrics_port))
     elif args.level == "l1":
         if not args.name or not args.l0:
-            print("nestmmu serve l1: --name and --l0 are required", file=sys.stderr)
-            return 2
+            raise CliError("--name and --l0 are required for l1", EXIT_USAGE)
         from nestmmu.services.l1.server import serve as serve_l1
 
         asyncio.run(
@@ -73,14 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         from nestmmu.services.l2.server import serve as serve_l2
 
-        asyncio.run(serve_l2(args.port or 50053, host=args.host))
-    return 0
+        asyncio.run(serve_l2(args.port or 50053, host=args.host, l0=args.l0))
+    return EXIT_OK
 
 
 async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: str | None) -> dict[str, Any]:
     from nestmmu import cluster
 
     churned: dict[str, int] = {}
+    attached_audit: dict[str, Any] = {}
     reports = await cluster.run_default_workload(
         l1s,
         l2,
@@ -92,18 +162,64 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         churn_counts=churned,
         trace_path=os.path.abspath(args.trace) if args.trace else "",
         data=args.data,
+        attached_audit=attached_audit if l0 else None,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
-    return cluster.summarize(reports, counters, aud, churned)
+    rep = cluster.summarize(reports, counters, aud, churned)
+    if attached_audit:
+        rep["audit_attached"] = attached_audit  # the audit taken while vCPUs were attached (I5 checked)
+    return rep
+
+
+async def _preflight(l1s: dict[str, str], l2: str, l0: str | None) -> None:
+    from nestmmu import cluster
+    from nestmmu.protos import L0_SERVICE_NAME, L1_SERVICE_NAME, L2_SERVICE_NAME
+
+    targets = [(f"L1 {name}", addr, L1_SERVICE_NAME) for name, addr in l1s.items()] + [("L2", l2, L2_SERVICE_NAME)]
+    if l0:
+        targets.append(("L0", l0, L0_SERVICE_NAME))
+    await cluster.check_services(targets)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _report_failures(rep: dict[str, Any], l1s: dict[str, str], l2: str) -> None:
+    """Every vCPU failure on stderr, and what a loopback L1 address means to a remote L2."""
+    details = list(rep.get("error_details", []))
+    for d in details:
+        print(f"vCPU failed: {d}", file=sys.stderr)
+    unreached = [a for a in l1s.values() if _is_loopback(a) and any(f"L1 at {a} failed: UNAVAILABLE" in d for d in details)]
+    if unreached:
+        print(
+            f"nestmmu: the L2 at {l2} could not reach L1 at {', '.join(unreached)}, which this machine reaches: the L2 dials the --l1 "
+            "address itself, and a loopback address is its own when it runs elsewhere (a container). Give --l1 addresses the L2 can "
+            "reach too, or run workload where the L2 runs (docker compose run --rm workload).",
+            file=sys.stderr,
+        )
+
+
+def _verdict(rep: dict[str, Any]) -> int:
+    """EXIT_OK, or EXIT_PROBLEM when accesses failed, an audit found violations or data mode lost writes."""
+    audits = [rep[k] for k in ("audit", "audit_attached") if k in rep]
+    return EXIT_OK if not rep["errors"] and all(a["ok"] for a in audits) and not _data_lost(rep) else EXIT_PROBLEM
+
+
+def _check_trace(args: argparse.Namespace) -> None:
+    if args.trace and not os.path.isfile(args.trace):
+        raise CliError(f"--trace {args.trace}: no such file", EXIT_USAGE)
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
     l1s = _addr_list(args.l1)
+    asyncio.run(_preflight(l1s, args.l2, args.l0))
     rep = asyncio.run(_workload(args, l1s, args.l2, args.l0))
     _print(rep, args.json)
-    audit_ok = bool(rep["audit"]["ok"]) if "audit" in rep else True
-    return 0 if audit_ok and not rep["errors"] and not _data_lost(rep) else 1
+    _report_failures(rep, l1s, args.l2)
+    return _verdict(rep)
 
 
 def _data_lost(rep: dict[str, Any]) -> int:
@@ -115,24 +231,36 @@ def _data_lost(rep: dict[str, Any]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from nestmmu import cluster
 
+    _check_trace(args)
     if not args.json:
         print("starting L0, two L1s and L2 on loopback ...", file=sys.stderr)
-    with cluster.local_cluster(("l1a", "l1b")) as c:
-        if not args.json:
-            print(f"running {args.accesses} accesses per vCPU (seed {args.seed}); logs in {c.log_dir}", file=sys.stderr)
-        rep = asyncio.run(_workload(args, c.l1s, c.l2, c.l0))
+    try:
+        with cluster.local_cluster(("l1a", "l1b")) as c:
+            if not args.json:
+                print(f"running {args.accesses} accesses per vCPU (seed {args.seed}); logs in {c.log_dir}", file=sys.stderr)
+            rep = asyncio.run(_workload(args, c.l1s, c.l2, c.l0))
+            code = _verdict(rep)
+            c.keep_logs = code != EXIT_OK
+    except cluster.ClusterStartError as e:
+        raise CliError(str(e), EXIT_CANNOT_RUN) from None
     _print(rep, args.json)
-    ok = bool(rep["audit"]["ok"])
+    _report_failures(rep, c.l1s, c.l2)
     if not args.json:
-        print("audit clean" if ok else "AUDIT FAILED", file=sys.stderr)
+        audit_ok = all(rep[k]["ok"] for k in ("audit", "audit_attached") if k in rep)
+        print(
+            ("audit clean" if audit_ok else "AUDIT FAILED") + ("" if not rep["errors"] else f"; {rep['errors']} vCPU/access errors: FAILED"),
+            file=sys.stderr,
+        )
         if _data_lost(rep):
             print(f"LOST WRITES: {_data_lost(rep)} (see data.details)", file=sys.stderr)
-    return 0 if ok and not _data_lost(rep) else 1
+    return code
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from nestmmu import cluster
+    from nestmmu.protos import L0_SERVICE_NAME
 
+    asyncio.run(cluster.check_services([("L0", args.l0, L0_SERVICE_NAME)]))
     r = asyncio.run(cluster.audit(args.l0))
     found = [f"{v.invariant}: {v.detail}" for v in r.violations]
     out = {"ok": r.ok, "violations": found, "checked": dict(r.checked.values)}
@@ -147,9 +275,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from nestmmu import cluster
+    from nestmmu.protos import L0_SERVICE_NAME
 
+    asyncio.run(cluster.check_services([("L0", args.l0, L0_SERVICE_NAME)]))
     _print(asyncio.run(cluster.l0_counters(args.l0)), args.json)
-    return 0
+    return EXIT_OK
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -166,6 +296,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if shutil.which("valgrind") is None:
         print("nestmmu trace: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
+    if shutil.which(cmd[0]) is None:
+        raise CliError(f"{cmd[0]}: no such program (or not executable)", EXIT_USAGE)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CliError(f"--out {args.out}: no such directory {out_dir}", EXIT_USAGE)
     r = subprocess.run(["valgrind", "--tool=lackey", "--trace-mem=yes", f"--log-file={args.out}", *cmd], stdout=subprocess.DEVNULL, check=False)
     kinds = {1: 0, 2: 0, 3: 0}
     pages = set()
@@ -189,27 +324,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nestmmu", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="nestmmu", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run one service: l0 (host hypervisor), l1 (guest hypervisor) or l2 (vCPUs)")
     s.add_argument("level", choices=["l0", "l1", "l2"])
-    s.add_argument("--port", type=int, default=0, help="listen port (default 50051/50052/50053)")
+    s.add_argument("--port", type=port_number, default=0, help="listen port, 1..65535 (default 50051/50052/50053)")
     s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     s.add_argument("--name", help="l1: this L1's name (its identity is the session it opens with L0)")
-    s.add_argument("--l0", help="l1: address of L0, host:port")
-    s.add_argument("--advertise-l0", help="l1: L0 address to hand to vCPUs if different from --l0")
+    s.add_argument("--l0", type=host_port, help="l1: address of L0, HOST:PORT; l2: watch this L0's health (NOT_SERVING while it is not)")
+    s.add_argument("--advertise-l0", type=host_port, help="l1: L0 address to hand to vCPUs if different from --l0")
     s.add_argument("--tlb-invalidate", action="store_true", help="l1: flush with H_TLB_INVALIDATE instead of H_RPT_INVALIDATE")
     s.add_argument("--page-shift", type=int, default=16, choices=[12, 16], help="l0: base page shift (16 = 64K, POWER9 Linux default)")
     s.add_argument("--ack-timeout", type=float, default=2.0, help="l0: seconds a vCPU has to acknowledge a tlbie before it is disconnected")
-    s.add_argument("--metrics-port", type=int, default=0, help="l0: serve Prometheus metrics on this port (/metrics); 0 = off")
+    s.add_argument("--metrics-port", type=_int_range(0, 65535), default=0, help="l0: serve Prometheus metrics on this port (/metrics); 0 = off")
     s.add_argument("--vcpus", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-json", action="store_true", help="JSON logs even on a TTY (always JSON otherwise)")
     s.set_defaults(fn=cmd_serve)
 
     def workload_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--accesses", type=int, default=20_000, help="accesses per vCPU (default 20000)")
+        q.add_argument("--accesses", type=_int_range(1), default=20_000, help="accesses per vCPU (default 20000)")
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -218,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--trace", help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path")
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")
-    w.add_argument("--l1", action="append", required=True, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")
-    w.add_argument("--l2", required=True, help="L2 address")
-    w.add_argument("--l0", help="L0 address: adds L0 counters and the audit to the report")
+    w.add_argument("--l1", action="append", required=True, type=named_host_port, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")
+    w.add_argument("--l2", required=True, type=host_port, help="L2 address, HOST:PORT")
+    w.add_argument("--l0", type=host_port, help="L0 address, HOST:PORT: adds L0 counters and the audit to the report")
     workload_args(w)
     w.set_defaults(fn=cmd_workload)
 
@@ -229,12 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     a = sub.add_parser("audit", help="check invariants I1-I7 across running services (exit 1 on any violation)")
-    a.add_argument("--l0", required=True, help="L0 address")
+    a.add_argument("--l0", required=True, type=host_port, help="L0 address, HOST:PORT")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_audit)
 
     st = sub.add_parser("stats", help="L0's counters")
-    st.add_argument("--l0", required=True)
+    st.add_argument("--l0", required=True, type=host_port, help="L0 address, HOST:PORT")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_stats)
 
@@ -254,10 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prog = f"nestmmu {args.command}"
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
         return 130
+    except CliError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
+    except Exception as e:  # service problems: one line naming the address, never a traceback
+        import grpc
+
+        from nestmmu import cluster
+
+        if isinstance(e, cluster.ServiceProblem | cluster.ClusterStartError):
+            print(f"{prog}: {e}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        if isinstance(e, grpc.RpcError):
+            who = f"L0 at {args.l0}" if args.command in ("audit", "stats") else "a service"  # the only address they use
+            print(f"{prog}: {who} {cluster.describe_rpc_error(e)}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        raise
 
 
 if __name__ == "__main__":

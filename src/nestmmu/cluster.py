@@ -22,8 +22,71 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
+from nestmmu.services import connection as _connection
 
 DEADLINE = 60.0  # seconds; every RPC here carries a deadline
+
+
+def insecure_channel(address: str) -> grpc.aio.Channel:
+    """A client channel with the keepalive policy every nestmmu client uses (services/connection.py)."""
+    return grpc.aio.insecure_channel(address, options=_connection.channel_options())
+
+
+class ServiceProblem(Exception):
+    """A service a command needs cannot be used; the message is one line naming its address."""
+
+
+class ClusterStartError(Exception):
+    """The local cluster did not become healthy; the message names the log directory and
+    shows the last lines of the failing service's log."""
+
+
+def describe_rpc_error(e: grpc.RpcError) -> str:
+    """What went wrong talking to a service, as a short phrase ("is unreachable (connection refused)")."""
+    code = e.code()
+    details = str(e.details() or "")
+    low = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "connection refused" in low:
+            return "is unreachable (connection refused)"
+        if "resolv" in low or "lookup" in low or "dns" in low:
+            return "cannot be resolved (unknown host name)"
+        if "timed out" in low or "timeout" in low or "deadline" in low:
+            return "is unreachable (connection timed out)"
+        return f"is unavailable ({details})"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "did not answer in time (deadline exceeded)"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return "does not implement this call (another kind of service listens there?)"
+    return f"answered {code.name}: {details}"
+
+
+_NOT_SERVING_HINT = {"L1": " (it has no session with L0)", "L2": " (it reaches no L0)"}
+
+
+async def check_service(label: str, address: str, service: str, timeout: float = 5.0) -> None:
+    """Ask ``address``'s health service about ``service``; ServiceProblem (one line) unless SERVING.
+
+    Tells "nothing listens there" from "a different service listens there" (health NOT_FOUND)
+    from "not a gRPC health server" (UNIMPLEMENTED) from "up but not serving".
+    """
+    async with insecure_channel(address) as ch:
+        try:
+            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise ServiceProblem(f"{label} at {address} does not serve {service} (another service listens there?)") from None
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ServiceProblem(f"{label} at {address} is not a nestmmu service (no gRPC health service)") from None
+            raise ServiceProblem(f"{label} at {address} {describe_rpc_error(e)}") from None
+    if r.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        raise ServiceProblem(f"{label} at {address} is {status}{_NOT_SERVING_HINT.get(label, '')}")
+
+
+async def check_services(targets: list[tuple[str, str, str]], timeout: float = 5.0) -> None:
+    """check_service for each (label, address, service name), concurrently; the first problem."""
+    await asyncio.gather(*(check_service(label, addr, svc, timeout) for label, addr, svc in targets))
 
 
 def free_port() -> int:
@@ -41,6 +104,17 @@ class LocalCluster:
     l2: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: str = ""
+    #: Keep log_dir after a clean exit (set by callers that found a problem).
+    keep_logs: bool = False
+    names: list[str] = field(default_factory=list)  # process names, in procs order (l0, l1s, l2)
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        """The last lines of one service's log (for error messages)."""
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), encoding="utf-8", errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError as e:
+            return f"(no log: {e})"
 
     def stop(self) -> None:
         for p in self.procs:
@@ -64,34 +138,73 @@ class LocalCluster:
 def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "nestmmu.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    # -P: do not put the cwd first on sys.path (a folder holding a clone named "nestmmu"
+    # would shadow the installed package and every server would fail to import).
+    return subprocess.Popen([sys.executable, "-P", "-m", "nestmmu.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _start_failure(c: LocalCluster, err: Exception) -> ClusterStartError:
+    """Which service failed to come up, and the end of its log."""
+    addrs = [c.l0, *c.l1s.values(), c.l2]
+    culprit = next((n for n, p in zip(c.names, c.procs, strict=False) if p.poll() is not None), None)
+    if culprit is None:
+        culprit = next((n for n, a in zip(c.names, addrs, strict=False) if a and a in str(err)), c.names[0] if c.names else "l0")
+    idx = c.names.index(culprit) if culprit in c.names else -1
+    exited = f" (exited with {c.procs[idx].returncode})" if idx >= 0 and c.procs[idx].poll() is not None else ""
+    tail = c.log_tail(culprit).rstrip()
+    return ClusterStartError(f"the local cluster did not start: {err}; {culprit}{exited}, last lines of {c.log_dir}/{culprit}.log:\n{tail}")
 
 
 @contextlib.contextmanager
 def local_cluster(
-    l1_names: tuple[str, ...] = ("l1a", "l1b"), log_dir: str | None = None, l0_args: tuple[str, ...] = (), timeout: float = 30.0
+    l1_names: tuple[str, ...] = ("l1a", "l1b"),
+    log_dir: str | None = None,
+    l0_args: tuple[str, ...] = (),
+    timeout: float = 30.0,
+    l2_watch_l0: bool = False,
 ) -> Iterator[LocalCluster]:
-    """Start the services as processes on free loopback ports; stop them on exit."""
+    """Start the services as processes on free loopback ports; stop them on exit.
+
+    A temporary log directory (``log_dir`` not given) is removed after a clean exit and kept
+    (its path printed on stderr) when the block raised or set ``keep_logs``. When a service
+    does not become healthy: :class:`ClusterStartError` naming it, the log directory and the
+    end of its log. ``l2_watch_l0``: start L2 with ``--l0`` (its health follows L0's).
+    """
+    import shutil
     import tempfile
 
+    own_dir = log_dir is None
     log_dir = log_dir or tempfile.mkdtemp(prefix="nestmmu-")
     p0 = free_port()
     c = LocalCluster(f"127.0.0.1:{p0}", {}, "", log_dir=log_dir)
+    clean = False
     try:
+        c.names.append("l0")
         c.procs.append(_spawn(["serve", "l0", "--host", "127.0.0.1", "--port", str(p0), *l0_args], f"{log_dir}/l0.log"))
         for name in l1_names:
             p = free_port()
             c.l1s[name] = f"127.0.0.1:{p}"
+            c.names.append(name)
             c.procs.append(_spawn(["serve", "l1", "--name", name, "--l0", c.l0, "--host", "127.0.0.1", "--port", str(p)], f"{log_dir}/{name}.log"))
         p2 = free_port()
         c.l2 = f"127.0.0.1:{p2}"
-        c.procs.append(_spawn(["serve", "l2", "--host", "127.0.0.1", "--port", str(p2)], f"{log_dir}/l2.log"))
+        c.names.append("l2")
+        watch = ["--l0", c.l0] if l2_watch_l0 else []
+        c.procs.append(_spawn(["serve", "l2", "--host", "127.0.0.1", "--port", str(p2), *watch], f"{log_dir}/l2.log"))
         addrs = [c.l0, *c.l1s.values(), c.l2]
-        _run_blocking(lambda: wait_healthy(addrs, timeout))
-        _run_blocking(lambda: wait_l1s_registered(c.l0, len(l1_names), timeout))
+        try:
+            _run_blocking(lambda: wait_healthy(addrs, timeout))
+            _run_blocking(lambda: wait_l1s_registered(c.l0, len(l1_names), timeout))
+        except (TimeoutError, grpc.RpcError) as e:
+            raise _start_failure(c, e) from None
         yield c
+        clean = not c.keep_logs
     finally:
         c.stop()
+        if own_dir and clean:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        elif own_dir:
+            print(f"nestmmu: service logs kept in {log_dir}", file=sys.stderr)
 
 
 def _run_blocking(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -108,7 +221,7 @@ def _run_blocking(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
 async def wait_healthy(addresses: list[str], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     for addr in addresses:
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with insecure_channel(addr) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 try:
@@ -124,7 +237,7 @@ async def wait_healthy(addresses: list[str], timeout: float = 30.0) -> None:
 
 async def wait_l1s_registered(l0: str, n: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(l0) as ch:
+    async with insecure_channel(l0) as ch:
         stub = l0_pb2_grpc.L0ServiceStub(ch)
         while True:
             r = await stub.GetStats(l0_pb2.GetStatsRequest(), timeout=5.0)
@@ -160,14 +273,33 @@ def default_plan() -> list[GuestPlan]:
     ]
 
 
-async def churn(jobs: list[tuple[str, str, int, GuestPlan]], l0: str | None, footprint: int, seed: int, stop: asyncio.Event, counts: dict[str, int]) -> None:
+def host_backed(g: GuestPlan, n_gpa: int) -> bool:
+    """Whether the L1 address behind ``n_gpa`` is memory L0 backs with host pages.
+
+    An MMIO-hole region is mapped by L1 onto an address in no memslot: there is no host page
+    to migrate there, and L0 rightly refuses HostMigrate for it (INVALID_ARGUMENT, "no memslot").
+    """
+    mmio = l1_pb2.GUEST_REGION_KIND_MMIO_HOLE
+    return not any(kind == mmio and start <= n_gpa < start + size for kind, start, size, *_ in g.regions)
+
+
+async def churn(
+    jobs: list[tuple[str, str, int, GuestPlan]],
+    l0: str | None,
+    footprint: int,
+    seed: int,
+    stop: asyncio.Event,
+    counts: dict[str, int],
+    gate: asyncio.Lock | None = None,
+) -> None:
     """While the vCPUs run: L1 unmaps and remaps pages (each followed by its invalidation
-    hcall), and, given L0, the host migrates pages backing the guests.  Seeded choices."""
+    hcall), and, given L0, the host migrates pages backing the guests.  Seeded choices.
+    Each operation runs holding ``gate`` (if given): whoever holds it pauses the churn."""
     import random
 
     rng = random.Random(seed)
-    chans = {addr: grpc.aio.insecure_channel(addr) for _, addr, _, _ in jobs}
-    ch0 = grpc.aio.insecure_channel(l0) if l0 else None
+    chans = {addr: insecure_channel(addr) for _, addr, _, _ in jobs}
+    ch0 = insecure_channel(l0) if l0 else None
     try:
         while not stop.is_set():
             name, addr, lpid, g = jobs[rng.randrange(len(jobs))]
@@ -175,6 +307,12 @@ async def churn(jobs: list[tuple[str, str, int, GuestPlan]], l0: str | None, foo
             size = 1 << g.page_shift
             n_gpa = rng.randrange(min(footprint, g.memory) // size) * size
             op = rng.choice(("unmap", "remap", "migrate") if ch0 else ("unmap", "remap"))
+            if op == "migrate" and not host_backed(g, n_gpa):
+                counts["migrations_skipped_mmio"] = counts.get("migrations_skipped_mmio", 0) + 1
+                await asyncio.sleep(0.02)
+                continue
+            if gate is not None:
+                await gate.acquire()
             try:
                 if op == "unmap":
                     r = await stub.UnmapPages(l1_pb2.UnmapPagesRequest(lpid=lpid, n_gpa=n_gpa, length=size), timeout=DEADLINE)
@@ -190,6 +328,9 @@ async def churn(jobs: list[tuple[str, str, int, GuestPlan]], l0: str | None, foo
             except grpc.aio.AioRpcError as e:
                 counts["churn_errors"] = counts.get("churn_errors", 0) + 1
                 counts["churn_last_error_" + e.code().name] = 1
+            finally:
+                if gate is not None:
+                    gate.release()
             await asyncio.sleep(0.02)
     finally:
         for ch in chans.values():
@@ -212,16 +353,19 @@ async def run_default_workload(
     trace_path: str = "",
     batch_size: int = 1024,
     data: bool = False,
+    attached_audit: dict[str, Any] | None = None,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
     With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
     With ``data``, the guests are data guests and the workloads run in data mode (checked).
+    With ``attached_audit`` (a dict, filled in) and ``l0``: one audit is taken while vCPUs are
+    attached (the churn paused around it), so the vCPUs' TLBs are dumped and I5 is checked.
     """
     plan = plan or default_plan()
     jobs = []
     for name, addr in l1s.items():
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with insecure_channel(addr) as ch:
             stub = l1_pb2_grpc.L1ServiceStub(ch)
             for g in plan:
                 req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data)
@@ -231,9 +375,11 @@ async def run_default_workload(
                 jobs.append((name, addr, resp.lpid, g))
     stop = asyncio.Event()
     counts = churn_counts if churn_counts is not None else {}
-    churner = asyncio.create_task(churn(jobs, l0, footprint, seed, stop, counts)) if with_churn else None
+    churn_gate = asyncio.Lock()
+    churner = asyncio.create_task(churn(jobs, l0, footprint, seed, stop, counts, churn_gate)) if with_churn else None
+    auditor = asyncio.create_task(_audit_while_attached(l0, stop, churn_gate, attached_audit)) if l0 and attached_audit is not None else None
     try:
-        async with grpc.aio.insecure_channel(l2) as ch:
+        async with insecure_channel(l2) as ch:
             stub2 = l2_pb2_grpc.L2ServiceStub(ch)
             calls = [
                 stub2.RunWorkload(
@@ -264,16 +410,34 @@ async def run_default_workload(
         stop.set()
         if churner is not None:
             await churner
+        if auditor is not None:
+            await auditor
     return [r.report for r in results]
 
 
+async def _audit_while_attached(l0: str, stop: asyncio.Event, churn_gate: asyncio.Lock, out: dict[str, Any]) -> None:
+    """Once vCPUs are attached (L0's run_streams gauge), pause the churn and take one audit."""
+    async with insecure_channel(l0) as ch:
+        stub = l0_pb2_grpc.L0ServiceStub(ch)
+        while not stop.is_set():
+            r = await stub.GetStats(l0_pb2.GetStatsRequest(), timeout=DEADLINE)
+            if r.counters.values.get("svc.run_streams", 0) > 0:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            return
+        async with churn_gate:  # no L1 tree change or migration in flight while it looks
+            aud = await stub.Audit(l0_pb2.AuditRequest(), timeout=DEADLINE)
+    out.update({"ok": aud.ok, "violations": [f"{v.invariant}: {v.detail}" for v in aud.violations], "checked": dict(aud.checked.values)})
+
+
 async def audit(l0: str) -> l0_pb2.AuditResponse:
-    async with grpc.aio.insecure_channel(l0) as ch:
+    async with insecure_channel(l0) as ch:
         return await l0_pb2_grpc.L0ServiceStub(ch).Audit(l0_pb2.AuditRequest(), timeout=DEADLINE)
 
 
 async def l0_counters(l0: str) -> dict[str, int]:
-    async with grpc.aio.insecure_channel(l0) as ch:
+    async with insecure_channel(l0) as ch:
         r = await l0_pb2_grpc.L0ServiceStub(ch).GetStats(l0_pb2.GetStatsRequest(), timeout=DEADLINE)
     return dict(r.counters.values)
 
@@ -304,6 +468,7 @@ def summarize(
         "errors": tot.get("errors", 0),
         "vcpu_seconds": round(sum(r.seconds for r in reports), 3),
         "churn": dict(sorted((churn_counts or {}).items())),
+        "error_details": [d for r in reports for d in r.error_details],
     }
     if any(r.data_stores or r.data_loads_checked for r in reports):
         out["data"] = {
@@ -386,7 +551,7 @@ class RawVcpu:
 
 @contextlib.asynccontextmanager
 async def l0_stub(addr: str) -> AsyncIterator[l0_pb2_grpc.L0ServiceStub]:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with insecure_channel(addr) as ch:
         yield l0_pb2_grpc.L0ServiceStub(ch)
 
 

@@ -31,6 +31,7 @@ IMAGES_SCRIPT = REPO_ROOT / "deploy" / "images.sh"
 # Compose projects started by tests are named PROJECT_PREFIX + something, so
 # the session cleanup can find them (containers and networks carry the
 # com.docker.compose.project label).
+IMAGE_LABEL = "org.opencontainers.image.title=nestmmu"  # deploy/Dockerfile LABEL
 PROJECT_PREFIX = f"nestmmu-test-{os.getpid()}-"
 
 # Environment that makes docker-compose.yml publish every port on a random
@@ -111,8 +112,7 @@ class NestmmuCompose(DockerCompose):
             )
         except CalledProcessError as e:
             raise RuntimeError(
-                f"{' '.join(map(str, e.cmd))} failed ({e.returncode}):\n"
-                f"{e.stdout.decode(errors='replace')}\n{e.stderr.decode(errors='replace')}"
+                f"{' '.join(map(str, e.cmd))} failed ({e.returncode}):\n{e.stdout.decode(errors='replace')}\n{e.stderr.decode(errors='replace')}"
             ) from e
 
     def stop(self, down: bool = True) -> None:
@@ -163,6 +163,11 @@ def cleanup_session() -> list[str]:
             if (v.attrs.get("Labels") or {}).get("com.docker.compose.project", "").startswith(PROJECT_PREFIX):
                 v.remove(force=True)
                 removed.append(f"volume {v.name}")
+        # `compose up` rebuilds l0's image (pull_policy: build) and compose labels it with the
+        # project name, so every test project gets its own image id and leaves the previous
+        # one untagged (~200 MB each): drop the dangling images of ours, never anybody else's.
+        pruned = client.images.prune(filters={"dangling": True, "label": IMAGE_LABEL})
+        removed += [f"image {d.get('Deleted', d.get('Untagged', ''))}" for d in pruned.get("ImagesDeleted") or [] if "Deleted" in d]
     finally:
         client.close()
     return removed

@@ -50,6 +50,8 @@ def test_cluster_healthy_runs_workload_audit_clean(up: NestmmuCompose) -> None:
     assert rep["accesses"] > 0 and rep["nested_faults"] > 0 and rep["tlb_hits"] > 0
     assert rep["audit"]["ok"], rep["audit"]["violations"]
     assert rep["errors"] == 0
+    # One audit ran while the vCPUs were attached: their TLBs were dumped (I5 checked).
+    assert rep["audit_attached"]["ok"] and rep["audit_attached"]["checked"]["tlb_dumps"] > 0, rep["audit_attached"]
     st = asyncio.run(_stats(addr(up, "l0")))
     assert sorted(s.name for s in st.l1_summaries) == ["l1a", "l1b"]
     assert asyncio.run(cluster.audit(addr(up, "l0"))).ok
