@@ -50,6 +50,14 @@ COMPOSE_FAULTS = (*LOCAL_FAULTS, "partition:l0", "partition:l1", "partition:l2",
 #: counts as over its bound only past ack_timeout + this.
 WAIT_GRACE_S = 0.5
 _DATA_MODE = "data_mode" in l2_pb2.Workload.DESCRIPTOR.fields_by_name
+#: Error texts that do not say what happened: grpc's client sets "Internal error from Core"
+#: when a write fails on a call the server already ended, hiding the server's status.
+OPAQUE_ERRORS = ("Internal error from Core",)
+
+
+def is_clear(detail: str) -> bool:
+    """An error line that says what happened (not empty, not one of grpc's opaque statuses)."""
+    return bool(detail.strip()) and not any(o in detail for o in OPAQUE_ERRORS)
 
 
 # ------------------------------------------------------------------ the schedule (pure)
@@ -280,6 +288,7 @@ class EpisodeReport:
     vcpu_failures: int = 0
     access_errors: int = 0
     error_details: list[str] = field(default_factory=list)
+    unclear_errors: list[str] = field(default_factory=list)
     rpc_errors: list[str] = field(default_factory=list)
     churn: dict[str, int] = field(default_factory=dict)
     lost_writes: int = 0
@@ -371,6 +380,7 @@ def _account(rep: EpisodeReport, r: l2_pb2.WorkloadReport, expected: int) -> Non
         rep.failures.append(f"lpid {r.lpid}: {r.accesses} accesses ran + {not_run} not run != {expected} requested")
     if failed > len(r.error_details):
         rep.failures.append(f"lpid {r.lpid}: {failed} vCPU failures but only {len(r.error_details)} error_details")
+    rep.unclear_errors += [d for d in r.error_details if not is_clear(d)]
 
 
 async def wait_recovered(t: Targets, timeout: float) -> None:
@@ -521,10 +531,12 @@ async def run_episode(t: Targets, ep: Episode, cfg: Config, state: dict[str, flo
                 msg = _rpc_error(r)
                 rep.rpc_errors.append(f"{name} lpid {lpid}: {msg}")
                 rep.accesses_not_run += cfg.vcpus * cfg.accesses
-                if not isinstance(r, grpc.aio.AioRpcError) or not r.details():
-                    rep.failures.append(f"workload on {name} lpid {lpid} failed without a clear error: {msg}")
+                if not isinstance(r, grpc.aio.AioRpcError) or not is_clear(r.details() or ""):
+                    rep.unclear_errors.append(f"RunWorkload on {name} lpid {lpid}: {msg}")
             else:
                 _account(rep, r, cfg.vcpus * cfg.accesses)
+    if rep.unclear_errors:
+        rep.failures.append(f"{len(rep.unclear_errors)} errors that do not say what happened, first: {rep.unclear_errors[0]}")
     if audit_during is not None:
         try:
             rep.audit_during, rep.violations_during_fault = _audit_outcome(await audit_during)
@@ -615,6 +627,7 @@ def summary(reports: list[EpisodeReport], planned: int, cfg: Config, seed: int, 
         "vcpu_failures": sum(r.vcpu_failures for r in reports),
         "access_errors": sum(r.access_errors for r in reports),
         "workload_rpc_errors": sum(len(r.rpc_errors) for r in reports),
+        "unclear_errors": sum(len(r.unclear_errors) for r in reports),
         "workloads": sum(r.workloads for r in reports),
         "accesses": sum(r.accesses for r in reports),
         "accesses_not_run": sum(r.accesses_not_run for r in reports),

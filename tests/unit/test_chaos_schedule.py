@@ -75,3 +75,9 @@ def test_summary_keys_and_exit_code() -> None:
     assert chaos.exit_code(chaos.summary([r1, r3], 2, chaos.Config(), 5, "local", "", 1.0, 1.0)) == 4
     # a campaign cut short (the cluster did not recover) is a failure even without other findings
     assert chaos.exit_code(chaos.summary([r1], 3, chaos.Config(), 5, "local", "", 1.0, 1.0)) == 1
+
+
+def test_opaque_errors_are_not_clear() -> None:
+    assert chaos.is_clear("lpid 1 vCPU 0: Run stream broke: ABORTED: no acknowledgement of an invalidation within 2.0s")
+    assert not chaos.is_clear("lpid 1 vCPU 0: Run stream broke: INTERNAL: Internal error from Core")
+    assert not chaos.is_clear("  ")
