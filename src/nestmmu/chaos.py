@@ -205,6 +205,25 @@ class ComposeTargets:
         self.l1s: dict[str, str] = {}
         self.refresh()
 
+    def netem_unavailable(self) -> str:
+        """Why tc netem cannot run in the containers ("" if it can): the qdisc is a kernel
+        module of the Docker host (sch_netem), which a container cannot load."""
+        cid = self.ids["l0"]
+        r = subprocess.run(
+            ["docker", "exec", "-u", "0", cid, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "1ms"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if r.returncode == 0:
+            _docker("exec", "-u", "0", cid, "tc", "qdisc", "del", "dev", "eth0", "root")
+            return ""
+        why = r.stderr.strip() or r.stdout.strip()
+        if "unknown" in why.lower():
+            why += " (the Docker host's kernel has no sch_netem: `modprobe sch_netem` on the host)"
+        return f"tc netem does not work in the containers: {why}"
+
     def _host_addr(self, svc: str) -> str:
         out = _docker("port", self.ids[svc], f"{COMPOSE_PORTS[svc]}/tcp").splitlines()
         v4 = [a for a in out if a.startswith("127.0.0.1:") or a.startswith("0.0.0.0:")]
@@ -506,18 +525,26 @@ async def run_episode(t: Targets, ep: Episode, cfg: Config, state: dict[str, flo
 
     runs = [asyncio.create_task(keep_running(i, name, lpid, g)) for i, (name, _, lpid, g) in enumerate(jobs)]
     audit_during: asyncio.Task[l0_pb2.AuditResponse] | None = None
+    injected = False
     try:
         await asyncio.sleep(ep.onset)
         if ep.fault == "kill:l0":  # L0's counters die with it: read its longest wait first
             state["longest_ms"] = max(state["longest_ms"], await _longest_wait_ms(t.l0))
         # 2. the fault, held while the workloads run; an audit meanwhile (not through a dead L0)
         t.inject(ep)
+        injected = True
         if ep.target != "l0":
             audit_during = asyncio.create_task(cluster.audit(t.l0))
         await asyncio.sleep(ep.hold)
     finally:
-        t.heal(ep)
-        healed.set()
+        try:
+            if injected:
+                t.heal(ep)
+        finally:
+            healed.set()
+            if not injected:  # the fault could not be injected: end this episode's work
+                stop.set()
+                await asyncio.gather(churner, *runs, return_exceptions=True)
     heal_t = time.monotonic()
     # 3. workloads end (completed, or with a clear error); churn stops
     done = await asyncio.gather(*runs, return_exceptions=True)
@@ -552,7 +579,8 @@ async def run_episode(t: Targets, ep: Episode, cfg: Config, state: dict[str, flo
     rep.recovered_s = round(time.monotonic() - heal_t, 3)
     # 5. new work succeeds: on the episode's guest if it survived, else on a fresh guest
     probes = []
-    for i, (name, addr, lpid, g) in enumerate(jobs):
+    for i, (name, _, lpid, g) in enumerate(jobs):
+        addr = t.l1s[name]  # read again after the heal: a restarted container may have a new host port
         if lpid not in await _l1_guests(addr):
             g = _plan(ep.seed + i)
             lpid = await _create_guest(addr, g)
