@@ -80,7 +80,7 @@ class Episode:
 
 
 def schedule(
-    seed: int, episodes: int, faults: tuple[str, ...] = LOCAL_FAULTS, l1_names: tuple[str, ...] = ("l1a", "l1b"), max_hold: float = 4.0
+    seed: int, episodes: int, faults: tuple[str, ...] = LOCAL_FAULTS, l1_names: tuple[str, ...] = ("l1a", "l1b"), max_hold: float = 6.0
 ) -> list[Episode]:
     """The campaign's episodes, a pure function of its arguments.
 
@@ -400,6 +400,8 @@ def _account(rep: EpisodeReport, r: l2_pb2.WorkloadReport, expected: int) -> Non
     if failed > len(r.error_details):
         rep.failures.append(f"lpid {r.lpid}: {failed} vCPU failures but only {len(r.error_details)} error_details")
     rep.unclear_errors += [d for d in r.error_details if not is_clear(d)]
+    if r.errors > failed:  # an access answered ACCESS_OUTCOME_ERROR: the wire carries no reason
+        rep.unclear_errors.append(f"lpid {r.lpid}: {r.errors - failed} accesses ended in ERROR with no reason (AccessResults carries none)")
 
 
 async def wait_recovered(t: Targets, timeout: float) -> None:

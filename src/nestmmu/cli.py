@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--project", default="nestmmu", help="--compose: the compose project name (default nestmmu)")
     ch.add_argument("--faults", help="comma-separated subset of fault kinds, e.g. kill:l1,stop:l2 (default: all of the mode)")
     ch.add_argument("--accesses", type=int, default=3000, help="accesses per vCPU of each episode's workloads (default 3000)")
-    ch.add_argument("--max-hold", type=float, default=4.0, help="longest a fault lasts, seconds (default 4)")
+    ch.add_argument("--max-hold", type=float, default=6.0, help="longest a fault lasts, seconds (default 6: past the 2 s ack and 5 s L1-call timeouts)")
     ch.add_argument("--ack-timeout", type=float, default=2.0, help="L0's tlbsync ack timeout (s): the bound every invalidation wait is checked against")
     ch.set_defaults(fn=cmd_chaos)
     return p
