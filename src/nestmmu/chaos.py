@@ -9,7 +9,7 @@ after any fault the real system survives:
 * **service**: a new workload succeeds (zero errors) on every L1, on the episode's guest if
   it survived the fault, else on a fresh one;
 * **audit**: clean after the heal (an audit taken *while* the fault lasts may be
-  inconclusive; its violations are reported separately);
+  inconclusive; its violations fail the episode only where the audit can say inconclusive);
 * **no leaks**: after the episode's guests are destroyed and the vCPUs gone: L0 has one
   session per L1, no run stream, no LPID not accounted for by an L1 or a registered nested
   guest, no nested guest (shadow tree) for a guest its L1 no longer has;
@@ -50,6 +50,9 @@ COMPOSE_FAULTS = (*LOCAL_FAULTS, "partition:l0", "partition:l1", "partition:l2",
 #: counts as over its bound only past ack_timeout + this.
 WAIT_GRACE_S = 0.5
 _DATA_MODE = "data_mode" in l2_pb2.Workload.DESCRIPTOR.fields_by_name
+#: An AuditResponse with ``outcome`` can say "inconclusive" instead of reporting what it could
+#: not look at as violations; then violations found while a fault lasts are failures too.
+AUDIT_CAN_BE_INCONCLUSIVE = "outcome" in l0_pb2.AuditResponse.DESCRIPTOR.fields_by_name
 #: Error texts that do not say what happened: grpc's client sets "Internal error from Core"
 #: when a write fails on a call the server already ended, hiding the server's status.
 OPAQUE_ERRORS = ("Internal error from Core",)
@@ -569,6 +572,9 @@ async def run_episode(t: Targets, ep: Episode, cfg: Config, state: dict[str, flo
     if audit_during is not None:
         try:
             rep.audit_during, rep.violations_during_fault = _audit_outcome(await audit_during)
+            if AUDIT_CAN_BE_INCONCLUSIVE and rep.audit_during == "violations":
+                # An audit that can say "could not look" has no excuse for a violation.
+                rep.failures.append(f"audit during the fault: {len(rep.violations_during_fault)} violations, first: {rep.violations_during_fault[0]}")
         except grpc.aio.AioRpcError as e:
             rep.audit_during = f"error: {_rpc_error(e)}"
     # 4. recovery
@@ -644,6 +650,8 @@ def summary(reports: list[EpisodeReport], planned: int, cfg: Config, seed: int, 
         "episodes_run": len(reports),
         "episodes_survived": sum(r.survived for r in reports),
         "faults_by_kind": dict(sorted(kinds.items())),
+        "survived_by_kind": {k: sum(r.survived for r in reports if r.fault == k) for k in sorted(kinds)},
+        "audit_during_fault_checked": AUDIT_CAN_BE_INCONCLUSIVE,
         "violations": sum(len(r.violations) for r in reports if not r.inconclusive),
         "violations_during_fault": sum(len(r.violations_during_fault) for r in reports),
         "inconclusive_audits": sum(r.inconclusive for r in reports),

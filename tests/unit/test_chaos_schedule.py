@@ -81,3 +81,46 @@ def test_opaque_errors_are_not_clear() -> None:
     assert chaos.is_clear("lpid 1 vCPU 0: Run stream broke: ABORTED: no acknowledgement of an invalidation within 2.0s")
     assert not chaos.is_clear("lpid 1 vCPU 0: Run stream broke: INTERNAL: Internal error from Core")
     assert not chaos.is_clear("  ")
+
+
+def test_compose_targets_touch_only_their_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docker commands each fault and heal runs, without a Docker engine."""
+    calls: list[tuple[str, ...]] = []
+
+    def fake_docker(*args: str, check: bool = True) -> str:
+        calls.append(args)
+        if args[0] == "ps":
+            svc = args[-1].split("=")[-1]
+            assert "label=com.docker.compose.project=proj" in args  # only this project's containers
+            return f"id-{svc}"
+        if args[0] == "port":
+            return {"id-l0": "127.0.0.1:4000", "id-l1a": "127.0.0.1:4001", "id-l1b": "127.0.0.1:4002", "id-l2": "0.0.0.0:4003"}[args[1]]
+        if args[0] == "inspect":
+            return '{"proj_mmu": {}}'
+        return ""
+
+    monkeypatch.setattr(chaos, "_docker", fake_docker)
+    t = chaos.ComposeTargets("proj")
+    assert (t.l0, t.l1s, t.l2) == ("127.0.0.1:4000", {"l1a": "127.0.0.1:4001", "l1b": "127.0.0.1:4002"}, "127.0.0.1:4003")
+    assert t.l1_for_l2 == {"l1a": "l1a:50052", "l1b": "l1b:50054"}
+    calls.clear()
+    for fault, target in (("kill:l1", "l1b"), ("stop:l0", "l0"), ("partition:l2", "l2"), ("netem:l1", "l1a")):
+        ep = chaos.Episode(1, fault, target, 0.1, 1.0, 5, 50 if fault.startswith("netem") else 0, 5.0 if fault.startswith("netem") else 0.0)
+        t.inject(ep)
+        t.heal(ep)
+    assert calls == [
+        ("kill", "-s", "KILL", "id-l1b"),
+        ("start", "id-l1b"),
+        ("pause", "id-l0"),
+        ("unpause", "id-l0"),
+        ("inspect", "-f", "{{json .NetworkSettings.Networks}}", "id-l2"),
+        ("network", "disconnect", "proj_mmu", "id-l2"),
+        ("network", "connect", "--alias", "l2", "proj_mmu", "id-l2"),  # the service's DNS name back
+        ("exec", "-u", "0", "id-l1a", "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "50ms", "loss", "5.0%"),
+        ("exec", "-u", "0", "id-l1a", "tc", "qdisc", "del", "dev", "eth0", "root"),
+    ]
+    # a fault left in place (an interrupted campaign) is healed by cleanup
+    calls.clear()
+    t.inject(chaos.Episode(2, "stop:l2", "l2", 0.1, 1.0, 6))
+    t.cleanup()
+    assert calls == [("pause", "id-l2"), ("unpause", "id-l2")]
