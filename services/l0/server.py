@@ -466,6 +466,16 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             if s.vm.nested.get(st.gp.l1_lpid) is not st.gp:
                 self.stats["run_streams_closed_guest_destroyed"] += 1
                 self._drop_stream(st, f"nested guest lpid {st.gp.l1_lpid} was destroyed by its L1")
+        # The same for an entry not yet run (AttachVcpu done, no Run yet, e.g. its L2 died):
+        # its token would pin the destroyed guest and its shadow LPID until RUN_TOKEN_TTL.
+        for tok in list(s.tokens):
+            got = self.run_tokens.get(tok)
+            if got is not None and s.vm.nested.get(got[1].l1_lpid) is not got[1]:
+                del self.run_tokens[tok]
+                s.tokens.discard(tok)
+                self.core.kvmhv_put_nested(got[1])
+                self.broadcast(self.core.take_invalidations())
+                self.stats["run_tokens_dropped_guest_destroyed"] += 1
 
     async def TlbInvalidate(self, request: l0_pb2.TlbInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.TlbInvalidateResponse:
         s = await self._session(context)

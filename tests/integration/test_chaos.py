@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 
 from nestmmu import chaos, cli, cluster
+from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 
 pytestmark = [pytest.mark.integration]
 
@@ -64,3 +66,33 @@ def test_network_faults_need_compose(capsys: pytest.CaptureFixture[str]) -> None
     assert "--compose" in capsys.readouterr().err
     assert cli.main(["chaos", "--faults", "kill:l3"]) == 2
     assert "unknown fault" in capsys.readouterr().err
+
+
+def test_destroying_a_guest_drops_its_unused_run_tokens() -> None:
+    """Found by chaos (kill:l2 between AttachVcpu and Run): a run token nobody will use pinned
+    the destroyed guest and its shadow LPID until the token expired (60 s). Now L0 drops the
+    tokens of a guest its L1 destroys, as it closes that guest's run streams."""
+    with cluster.local_cluster(("l1a",)) as c:
+
+        async def go() -> None:
+            async with grpc.aio.insecure_channel(c.l1s["l1a"]) as ch1, grpc.aio.insecure_channel(c.l0) as ch0:
+                l1, l0 = l1_pb2_grpc.L1ServiceStub(ch1), l0_pb2_grpc.L0ServiceStub(ch0)
+
+                async def counters() -> dict[str, int]:
+                    return dict((await l0.GetStats(l0_pb2.GetStatsRequest(), timeout=10)).counters.values)
+
+                lpid = (await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20), timeout=30)).lpid
+                a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=0), timeout=30)
+                assert a.hcall_rc == 0
+                st = await counters()
+                assert (st["svc.run_tokens"], st["svc.lpids_in_use"]) == (1, 2)  # the L1's LPID and the guest's shadow LPID
+                await l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=30)
+                st = await counters()
+                assert (st["svc.run_tokens"], st["svc.lpids_in_use"]) == (0, 1)  # at once, not after the token's 60 s
+                # a vCPU that shows up late with the token is refused, with a reason
+                v = cluster.RawVcpu(l0, a.run_token)
+                await asyncio.wait_for(v.task, 10)
+                assert v.error is not None and v.error.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert (await cluster.audit(c.l0)).ok
+
+        asyncio.run(go())
