@@ -99,7 +99,7 @@ def test_compose_targets_touch_only_their_project(monkeypatch: pytest.MonkeyPatc
             return '{"proj_mmu": {}}'
         return ""
 
-    monkeypatch.setattr(chaos, "_docker", fake_docker)
+    monkeypatch.setattr(chaos.targets, "_docker", fake_docker)
     t = chaos.ComposeTargets("proj")
     assert (t.l0, t.l1s, t.l2) == ("127.0.0.1:4000", {"l1a": "127.0.0.1:4001", "l1b": "127.0.0.1:4002"}, "127.0.0.1:4003")
     assert t.l1_for_l2 == {"l1a": "l1a:50052", "l1b": "l1b:50054"}
