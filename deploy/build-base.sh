@@ -19,9 +19,17 @@ SUITE="${SUITE:-bookworm}"
 
 log() { printf '[build-base] %s\n' "$*" >&2; }
 
-if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    log "$BASE_IMAGE already exists; skipping (FORCE=1 to rebuild)"
-    exit 0
+# Debian packages in the base: python3 (3.11) for the services, iproute2 for `tc` (the
+# chaos campaign's netem faults run `tc qdisc` in the containers, which have NET_ADMIN).
+PACKAGES="python3,python3-venv,ca-certificates,iproute2"
+
+# An existing image is kept only if it was built with this package list (label below).
+if [[ "${FORCE:-0}" != 1 ]] && have=$(docker image inspect -f '{{index .Config.Labels "org.nestmmu.base.packages"}}' "$BASE_IMAGE" 2>/dev/null); then
+    if [[ "$have" == "$PACKAGES" ]]; then
+        log "$BASE_IMAGE already exists; skipping (FORCE=1 to rebuild)"
+        exit 0
+    fi
+    log "$BASE_IMAGE has packages '${have:-<unlabelled>}', want '$PACKAGES': rebuilding"
 fi
 
 # mmdebstrap does not read the host's apt configuration: hand it the host's
@@ -61,12 +69,13 @@ start=$(date +%s)
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --aptopt='APT::Install-Recommends "false"' \
-    --include=python3,python3-venv,ca-certificates \
+    --include="$PACKAGES" \
     "$SUITE" - "$APT_SOURCES" \
   | docker import \
         --change 'ENV LANG=C.UTF-8' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["/bin/bash"]' \
+        --change "LABEL org.nestmmu.base.packages=$PACKAGES" \
         --message "nestmmu base: mmdebstrap $SUITE + python3" \
         - "$BASE_IMAGE" >/dev/null
 

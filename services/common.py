@@ -184,7 +184,7 @@ async def serve_forever(
     log.info("stopped")
 
 
-_GAUGE_SUFFIXES = ("l1_sessions", "run_streams", "lpids_in_use", "_p50", "_p99")
+_GAUGE_SUFFIXES = ("l1_sessions", "run_streams", "lpids_in_use", "_p50", "_p99", "_max", "run_tokens")
 
 
 def start_metrics(port: int, service: str, counters: Callable[[], dict[str, int]], host: str = "0.0.0.0") -> int:

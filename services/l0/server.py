@@ -327,6 +327,8 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
                 st.close(f"no acknowledgement of an invalidation within {self.ack_timeout}s")
         self.stats["broadcast_acks"] += len(done)
         self.latencies_us.append((time.perf_counter() - t0) * 1e6)
+        # The longest tlbsync wait since L0 started (chaos checks it against the ack timeout).
+        self.stats["broadcast_latency_us_max"] = max(self.stats["broadcast_latency_us_max"], int(self.latencies_us[-1]))
         if len(self.latencies_us) > 100_000:
             del self.latencies_us[: len(self.latencies_us) // 2]
 
@@ -472,6 +474,16 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             if s.vm.nested.get(st.gp.l1_lpid) is not st.gp:
                 self.stats["run_streams_closed_guest_destroyed"] += 1
                 self._drop_stream(st, f"nested guest lpid {st.gp.l1_lpid} was destroyed by its L1")
+        # The same for an entry not yet run (AttachVcpu done, no Run yet, e.g. its L2 died):
+        # its token would pin the destroyed guest and its shadow LPID until RUN_TOKEN_TTL.
+        for tok in list(s.tokens):
+            got = self.run_tokens.get(tok)
+            if got is not None and s.vm.nested.get(got[1].l1_lpid) is not got[1]:
+                del self.run_tokens[tok]
+                s.tokens.discard(tok)
+                self.core.kvmhv_put_nested(got[1])
+                self.broadcast(self.core.take_invalidations())
+                self.stats["run_tokens_dropped_guest_destroyed"] += 1
 
     async def TlbInvalidate(self, request: l0_pb2.TlbInvalidateRequest, context: grpc.aio.ServicerContext) -> l0_pb2.TlbInvalidateResponse:
         s = await self._session(context)
@@ -694,6 +706,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         out["svc.l1_sessions"] = len(self.by_name)
         out["svc.run_streams"] = sum(len(v) for v in self.streams.values())
         out["svc.lpids_in_use"] = len(self.core.lpids_in_use)
+        out["svc.run_tokens"] = len(self.run_tokens)  # issued by H_ENTER_NESTED, not yet used by a Run (each holds a reference)
         lat = sorted(self.latencies_us)
         if lat:
             out["svc.broadcast_latency_us_p50"] = int(lat[len(lat) // 2])

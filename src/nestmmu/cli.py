@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -323,6 +324,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """A seeded fault-injection campaign; exit 0 all episodes survived, 1 failures found,
+    3 the cluster could not be started or reached, 4 an audit after a heal was inconclusive."""
+    from nestmmu import chaos, cluster
+
+    faults = tuple(args.faults.split(",")) if args.faults else (chaos.COMPOSE_FAULTS if args.compose else chaos.LOCAL_FAULTS)
+    cfg = chaos.Config(accesses=args.accesses, ack_timeout=args.ack_timeout)
+    try:
+        if args.episodes < 1 or args.accesses < 1:
+            raise ValueError("--episodes and --accesses must be positive")
+        if not args.compose and any(f.split(":")[0] not in ("kill", "stop") for f in faults):
+            raise ValueError("network faults (partition, netem) need the container cluster: add --compose")
+        episodes = chaos.schedule(args.seed, args.episodes, faults, max_hold=args.max_hold)
+    except ValueError as e:
+        print(f"nestmmu chaos: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def progress(r: chaos.EpisodeReport) -> None:
+        print(chaos.progress_line(r, len(episodes)), file=sys.stderr, flush=True)
+
+    def finish(rep: dict[str, Any]) -> int:
+        if args.json:
+            print(json.dumps(rep, sort_keys=True))
+        else:
+            _print({k: v for k, v in rep.items() if k != "episode_reports"}, False)
+        return chaos.exit_code(rep)
+
+    if args.compose:
+        try:
+            t: chaos.ComposeTargets = chaos.ComposeTargets(args.project)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            print(f"nestmmu chaos: {e}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        if any(f.startswith("netem:") for f in faults):
+            why = t.netem_unavailable()
+            if why and args.faults:
+                print(f"nestmmu chaos: {why}", file=sys.stderr)
+                return EXIT_CANNOT_RUN
+            if why:  # the default set: run the other faults, and say so
+                print(f"[chaos] {why}; netem faults left out", file=sys.stderr)
+                faults = tuple(f for f in faults if not f.startswith("netem:"))
+                episodes = chaos.schedule(args.seed, args.episodes, faults, max_hold=args.max_hold)
+        print(f"[chaos] {len(episodes)} episodes (seed {args.seed}) on compose project {args.project!r}", file=sys.stderr)
+        return finish(asyncio.run(chaos.run_campaign(t, episodes, cfg, args.seed, progress)))
+    print(f"[chaos] starting L0, two L1s and L2 on loopback for {len(episodes)} episodes (seed {args.seed}) ...", file=sys.stderr)
+    try:
+        ctx = cluster.local_cluster(("l1a", "l1b"), l0_args=("--ack-timeout", str(args.ack_timeout)))
+        c = ctx.__enter__()
+    except (cluster.ClusterStartError, TimeoutError, OSError) as e:
+        print(f"nestmmu chaos: the local cluster did not start: {e}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        print(f"[chaos] logs in {c.log_dir} (kept if anything failed)", file=sys.stderr)
+        code = finish(asyncio.run(chaos.run_campaign(chaos.LocalTargets(c), episodes, cfg, args.seed, progress)))
+        c.keep_logs = code != EXIT_OK
+        return code
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nestmmu", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -384,6 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="short runs (noisier)")
     b.add_argument("--core-only", action="store_true", help="skip the cluster figures (no processes started)")
     b.set_defaults(fn=cmd_bench)
+
+    ch = sub.add_parser("chaos", help="seeded fault injection: kill/stop services (--compose: also cut/slow links) while workloads run; checks after each heal")
+    ch.add_argument("--episodes", type=int, default=12, help="number of faults, one per episode (default 12)")
+    ch.add_argument("--seed", type=int, default=1, help="the schedule of faults is a function of this seed")
+    ch.add_argument("--json", action="store_true", help="one JSON object on stdout (progress stays on stderr)")
+    ch.add_argument("--compose", action="store_true", help="target the running container cluster (deploy/up.sh) instead of local processes")
+    ch.add_argument("--project", default="nestmmu", help="--compose: the compose project name (default nestmmu)")
+    ch.add_argument("--faults", help="comma-separated subset of fault kinds, e.g. kill:l1,stop:l2 (default: all of the mode)")
+    ch.add_argument("--accesses", type=int, default=3000, help="accesses per vCPU of each episode's workloads (default 3000)")
+    ch.add_argument("--max-hold", type=float, default=6.0, help="longest a fault lasts, seconds (default 6: past the 2 s ack and 5 s L1-call timeouts)")
+    ch.add_argument("--ack-timeout", type=float, default=2.0, help="L0's tlbsync ack timeout (s): the bound every invalidation wait is checked against")
+    ch.set_defaults(fn=cmd_chaos)
     return p
 
 

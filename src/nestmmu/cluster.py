@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,6 +134,36 @@ class LocalCluster:
         idx = 1 + list(self.l1s).index(name)
         self.procs[idx].kill()
         self.procs[idx].wait()
+
+    # Process control for fault injection (``nestmmu chaos``): services by name, "l0", an L1
+    # name or "l2"; a restarted service gets the same command line (same port) and log file.
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        names = ["l0", *self.l1s, "l2"]
+        if name not in names:
+            raise KeyError(f"no service {name!r} in this cluster (services: {', '.join(names)})")
+        return self.procs[names.index(name)]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service (kill -9) and reap it."""
+        p = self.proc(name)
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a killed (or exited) service again with the same arguments; a live one is killed first."""
+        old = self.proc(name)
+        self.kill(name)
+        with open(f"{self.log_dir}/{name}.log", "ab") as out:
+            new = subprocess.Popen(old.args, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.procs[self.procs.index(old)] = new
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a service: it keeps its sockets but answers nothing until resumed."""
+        self.proc(name).send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.proc(name).send_signal(signal.SIGCONT)
 
 
 def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
