@@ -267,6 +267,15 @@ async def audit(l0: str) -> l0_pb2.AuditResponse:
         return await l0_pb2_grpc.L0ServiceStub(ch).Audit(l0_pb2.AuditRequest(), timeout=DEADLINE)
 
 
+def audit_outcome(r: l0_pb2.AuditResponse) -> str:
+    """CLEAN, VIOLATIONS or INCONCLUSIVE (an L0 that predates the outcome field: from ok)."""
+    if r.violations or not r.ok:
+        return "VIOLATIONS"
+    if r.outcome == l0_pb2.AUDIT_OUTCOME_INCONCLUSIVE or r.inconclusive_reasons:
+        return "INCONCLUSIVE"
+    return "CLEAN"
+
+
 async def l0_counters(l0: str) -> dict[str, int]:
     async with grpc.aio.insecure_channel(l0) as ch:
         r = await l0_pb2_grpc.L0ServiceStub(ch).GetStats(l0_pb2.GetStatsRequest(), timeout=DEADLINE)
