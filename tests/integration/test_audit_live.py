@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -120,8 +121,15 @@ async def test_a_stopped_l1_makes_the_audit_inconclusive_then_clean_again(lc: cl
             t0 = time.monotonic()
             r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
             took = time.monotonic() - t0
+            # The CLI says so and exits 4 (inconclusive), not 1 (violations).
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nestmmu.cli", "audit", "--l0", lc.l0, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            out = (await cli.communicate())[0].decode()
         finally:
             os.kill(l1a_proc.pid, signal.SIGCONT)
+        assert cli.returncode == 4, out
+        assert "inconclusive: L1 'l1a' did not answer a walk" in out and "audit INCONCLUSIVE" in out, out
         print(f"audit with l1a stopped: {took:.1f}s {list(r.inconclusive_reasons)} checked={dict(r.checked.values)}")
         assert not r.violations and r.ok, _describe(r)
         assert r.outcome == INCONCLUSIVE
@@ -139,3 +147,23 @@ async def test_a_stopped_l1_makes_the_audit_inconclusive_then_clean_again(lc: cl
         assert r.outcome == CLEAN, (_describe(r), list(r.inconclusive_reasons))
         for v in vcpus:
             await v.close()
+
+
+@pytest.mark.asyncio
+async def test_a_vcpu_that_does_not_return_its_tlb_dump_makes_the_audit_inconclusive(lc: cluster.LocalCluster) -> None:
+    async with grpc.aio.insecure_channel(lc.l0) as ch0, grpc.aio.insecure_channel(lc.l1s["l1b"]) as ch1:
+        l0 = l0_pb2_grpc.L0ServiceStub(ch0)
+        l1 = l1_pb2_grpc.L1ServiceStub(ch1)
+        lpid = (await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20), timeout=30)).lpid
+        a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=3), timeout=30)
+        v = RawVcpu(l0, a.run_token)
+        await asyncio.wait_for(v.attached, 10)
+        put = v.q.put_nowait
+        v.q.put_nowait = lambda m: None if m is not None and m.HasField("tlb_dump") else put(m)  # type: ignore[method-assign,assignment]
+        r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
+        assert not r.violations and r.outcome == INCONCLUSIVE, (_describe(r), r)
+        assert list(r.inconclusive_reasons) == [f"vCPU l1b/{lpid}/3 did not return its TLB dump within 2.0s"]
+        v.q.put_nowait = put  # type: ignore[method-assign]
+        r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
+        assert r.outcome == CLEAN, (_describe(r), list(r.inconclusive_reasons))
+        await v.close()
