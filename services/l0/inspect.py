@@ -18,8 +18,10 @@ cannot be quiesced is accounted for instead of being judged:
   in that window (``L1Reply.tree_changes_in_flight``); such leaves are not judged.  The audit
   looks again (after releasing the locks so the hcalls complete) up to ``AUDIT_LOOKS`` times.
 * **An L1 that does not answer** (stopped, gone, timed out) makes its leaves "not looked at":
-  the outcome is INCONCLUSIVE with the reason, never an I1 violation.  Likewise a vCPU whose
-  TLB dump does not come back within the ack timeout.
+  the outcome is INCONCLUSIVE with the reason, never an I1 violation.  Every L1 is probed
+  with one trivial walk before any lock is taken, so a silent L1 costs the audit one
+  ``L1_CALL_TIMEOUT`` without stalling other guests' faults.  Likewise a vCPU whose TLB dump
+  does not come back within the ack timeout.
 * **TLB dumps** are judged against the shadow trees as they were when the dumps were requested
   (a vCPU answers in stream order, after every fill and tlbie queued before the request).
 * **Confirmation.**  Violations are looked at twice; only those seen both times are reported
@@ -108,14 +110,15 @@ async def dump_shadow_tree(svc: L0Servicer, request: l0_pb2.DumpShadowTreeReques
 # ==================================================================== the audit
 async def audit(svc: L0Servicer) -> l0_pb2.AuditResponse:
     """I1-I7 across the services, right or inconclusive (see the module docstring)."""
-    rep = await _look(svc)
+    silent = await _probe_l1s(svc)
+    rep = await _look(svc, silent)
     looks = 1
     while rep.transient and looks < AUDIT_LOOKS:
         await asyncio.sleep(AUDIT_RETRY_PAUSE * looks)
-        rep = await _look(svc)
+        rep = await _look(svc, silent)
         looks += 1
     if rep.violations:
-        again = await _look(svc)
+        again = await _look(svc, silent)
         looks += 1
         seen = {str(v) for v in again.violations}
         gone = [v for v in rep.violations if str(v) not in seen]
@@ -139,6 +142,23 @@ async def audit(svc: L0Servicer) -> l0_pb2.AuditResponse:
     elif rep.inconclusive:
         log.info("audit_inconclusive", reasons=rep.inconclusive)
     return resp
+
+
+async def _probe_l1s(svc: L0Servicer) -> dict[str, NotLooked]:
+    """Ask every L1 one trivial walk, before any lock is taken: an L1 that does not answer is
+    left out of this audit at once, so its timeout never stalls other L1s' guests' faults."""
+    silent: dict[str, NotLooked] = {}
+
+    async def probe(vm: L1Vm) -> None:
+        try:
+            await svc.call_l1(vm, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=0, l1_lpid=0, n_gpa=0)))
+        except TimeoutError:
+            silent[vm.name] = NotLooked(f"L1 {vm.name!r} did not answer a walk within {svc.l1_timeout}s")
+        except Exception as e:  # L1Gone: the session ended or the L1 refused the call
+            silent[vm.name] = NotLooked(f"L1 {vm.name!r} could not be asked: {e}")
+
+    await asyncio.gather(*(probe(s.vm) for s in list(svc.by_name.values())))
+    return silent
 
 
 async def _lock_all(svc: L0Servicer) -> list[asyncio.Lock]:
@@ -194,7 +214,7 @@ async def _walk_l1(svc: L0Servicer, vm: L1Vm, keys: list[tuple[int, int, int]], 
     await asyncio.gather(*(one(*k) for k in keys[1:]))
 
 
-async def _look(svc: L0Servicer) -> AuditReport:
+async def _look(svc: L0Servicer, silent: dict[str, NotLooked]) -> AuditReport:
     """One look at quiesced state: locks, L1 walks, TLB dumps, then the core's checks."""
     held = await _lock_all(svc)
     try:
@@ -202,7 +222,10 @@ async def _look(svc: L0Servicer) -> AuditReport:
         jobs = []
         for s in list(svc.by_name.values()):
             keys = sorted({(gp.l1_lpid, gp.l1_gr_to_hr, slot.gpa) for gp in list(s.vm.nested.values()) for slot in svc.core.shadow_leaves(gp)})
-            jobs.append(_walk_l1(svc, s.vm, keys, walks))
+            if s.name in silent:
+                walks.update({(s.name, pate, n_gpa): silent[s.name] for _, pate, n_gpa in keys})
+            else:
+                jobs.append(_walk_l1(svc, s.vm, keys, walks))
         await asyncio.gather(*jobs)
 
         def walk(name: str, pate: int, n_gpa: int) -> WalkResult | NotLooked:

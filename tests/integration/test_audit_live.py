@@ -10,14 +10,16 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from nestmmu import cluster
 from nestmmu.cluster import RawVcpu
-from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
+from nestmmu.core import formats as f
+from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
 
 pytestmark = [pytest.mark.integration]
 
@@ -119,7 +121,14 @@ async def test_a_stopped_l1_makes_the_audit_inconclusive_then_clean_again(lc: cl
         os.kill(l1a_proc.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
+            audit = asyncio.ensure_future(l0.Audit(l0_pb2.AuditRequest(), timeout=60))
+            # Meanwhile l1b's guest still faults (L1b handles the exits): the silent L1 is left
+            # out before the audit takes any lock, so nothing else waits for its timeout.
+            await asyncio.sleep(0.5)
+            res = await vcpus[1].run([i << 16 for i in range(32, 36)], [2] * 4)
+            faulted = time.monotonic() - t0
+            assert all(o == l0_pb2.ACCESS_OUTCOME_FILL for o, *_ in res) and not audit.done()
+            r = await audit
             took = time.monotonic() - t0
             # The CLI says so and exits 4 (inconclusive), not 1 (violations).
             cli = await asyncio.create_subprocess_exec(
@@ -130,7 +139,7 @@ async def test_a_stopped_l1_makes_the_audit_inconclusive_then_clean_again(lc: cl
             os.kill(l1a_proc.pid, signal.SIGCONT)
         assert cli.returncode == 4, out
         assert "inconclusive: L1 'l1a' did not answer a walk" in out and "audit INCONCLUSIVE" in out, out
-        print(f"audit with l1a stopped: {took:.1f}s {list(r.inconclusive_reasons)} checked={dict(r.checked.values)}")
+        print(f"audit with l1a stopped: {took:.1f}s (l1b faulted meanwhile at {faulted:.1f}s) {list(r.inconclusive_reasons)} checked={dict(r.checked.values)}")
         assert not r.violations and r.ok, _describe(r)
         assert r.outcome == INCONCLUSIVE
         assert any("'l1a'" in why and "did not answer" in why for why in r.inconclusive_reasons), r.inconclusive_reasons
@@ -138,6 +147,7 @@ async def test_a_stopped_l1_makes_the_audit_inconclusive_then_clean_again(lc: cl
         assert r.checked.values["shadow_leaves_not_judged"] >= 32  # l1a's leaves
         assert r.checked.values["shadow_leaves"] - r.checked.values["shadow_leaves_not_judged"] >= 32  # l1b's were judged
         assert took < 2 * 5.0 + 3  # one walk timeout (the probe), not one per leaf
+        assert faulted < 3.0
         # SIGCONT: the L1 answers again and the audit is clean.
         for _ in range(20):
             r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
@@ -167,3 +177,61 @@ async def test_a_vcpu_that_does_not_return_its_tlb_dump_makes_the_audit_inconclu
         r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
         assert r.outcome == CLEAN, (_describe(r), list(r.inconclusive_reasons))
         await v.close()
+
+
+@pytest.mark.asyncio
+async def test_an_enter_nested_in_flight_is_not_i7(lc: cluster.LocalCluster) -> None:
+    """Reproduces main's false I7: a hand-driven L1 holds L0's read of its PATE (the first
+    H_ENTER_NESTED of a new lpid) unanswered while the audit runs.  The half-made guest is
+    neither registered nor referenced by a count yet; its creator holds it."""
+    out: asyncio.Queue[l0_pb2.ConnectRequest | None] = asyncio.Queue()
+    slot = common_pb2.Memslot(base_gfn_addr=0, size_bytes=1 << 30, kind=common_pb2.MEMSLOT_KIND_NORMAL)
+    out.put_nowait(l0_pb2.ConnectRequest(register=l0_pb2.Register(name="hand", memslots=[slot])))
+    release = asyncio.Event()
+    reads: list[l0_pb2.L0Call] = []
+
+    async def requests() -> AsyncIterator[l0_pb2.ConnectRequest]:
+        while (m := await out.get()) is not None:
+            yield m
+
+    async def answer(session: Any) -> None:
+        """Walks (the audit's probe) at once; memory reads (the PATE) only after ``release``."""
+        while (msg := await session.read()) is not grpc.aio.EOF:  # read(): no iterator after read()
+            for c in msg.calls:
+                if c.HasField("walk"):
+                    out.put_nowait(
+                        l0_pb2.ConnectRequest(replies=[l0_pb2.L1Reply(call_id=c.call_id, walk=common_pb2.WalkResult(ok=False, dsisr_code=f.DSISR_NOHPTE))])
+                    )
+                else:
+                    reads.append(c)
+                    if release.is_set():
+                        out.put_nowait(
+                            l0_pb2.ConnectRequest(replies=[l0_pb2.L1Reply(call_id=c.call_id, read_memory=l0_pb2.ReadMemoryReply(ok=True, data=bytes(16)))])
+                        )
+
+    async with grpc.aio.insecure_channel(lc.l0) as ch:
+        l0 = l0_pb2_grpc.L0ServiceStub(ch)
+        session: Any = l0.Connect(requests())
+        first: l0_pb2.ConnectResponse = await session.read()
+        responder = asyncio.create_task(answer(session))
+        md = ((SESSION_METADATA_KEY, first.registered.session_token),)
+        assert (await l0.SetPartitionTable(l0_pb2.SetPartitionTableRequest(ptcr=f.make_ptcr(1 << 20, 0)), metadata=md, timeout=10)).hcall_rc == 0
+        state = l0_pb2.HvGuestState(version=2, lpid=1, vcpu_token=0)
+        enter = asyncio.ensure_future(l0.EnterNested(l0_pb2.EnterNestedRequest(state=state), metadata=md, timeout=30))
+        while not reads:
+            await asyncio.sleep(0.01)
+        assert reads[0].read_memory.gpa == (1 << 20) + 16  # lpid 1's PATE, read before registering
+        r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
+        assert not r.violations and r.outcome == CLEAN, (_describe(r), list(r.inconclusive_reasons))
+        assert r.checked.values["nested_guests_being_created"] == 1
+        assert not enter.done()
+        release.set()  # an empty PATE (read again under the tlb_lock: answered at once)
+        out.put_nowait(l0_pb2.ConnectRequest(replies=[l0_pb2.L1Reply(call_id=reads[0].call_id, read_memory=l0_pb2.ReadMemoryReply(ok=True, data=bytes(16)))]))
+        resp = await enter
+        assert resp.hcall_rc == 0 and resp.run_token
+        r = await l0.Audit(l0_pb2.AuditRequest(), timeout=60)
+        assert not r.violations and r.outcome == CLEAN, (_describe(r), list(r.inconclusive_reasons))
+        assert "nested_guests_being_created" not in r.checked.values
+        out.put_nowait(None)  # the hand-driven L1 leaves: L0 releases everything it had
+        session.cancel()
+        responder.cancel()
