@@ -161,12 +161,20 @@ async def _probe_l1s(svc: L0Servicer) -> dict[str, NotLooked]:
     return silent
 
 
-async def _lock_all(svc: L0Servicer) -> list[asyncio.Lock]:
+#: Passes over the live guests when taking their locks (guests created meanwhile are taken in
+#: the next pass; any still unlocked after the last pass are not judged in this look).
+LOCK_PASSES = 3
+
+
+async def _lock_all(svc: L0Servicer) -> tuple[list[asyncio.Lock], set[KvmNestedGuest]]:
     """Take the tlb_lock of every live nested guest, including guests created meanwhile."""
     held: list[asyncio.Lock] = []
     locked: set[KvmNestedGuest] = set()
     try:
-        while todo := sorted((gp for gp in svc.core.live_guests if gp not in locked), key=lambda g: g.shadow_lpid):
+        for _ in range(LOCK_PASSES):
+            todo = sorted((gp for gp in svc.core.live_guests if gp not in locked), key=lambda g: g.shadow_lpid)
+            if not todo:
+                break
             for gp in todo:
                 lock = svc._lock(gp)
                 await lock.acquire()
@@ -176,7 +184,7 @@ async def _lock_all(svc: L0Servicer) -> list[asyncio.Lock]:
         for lock in held:
             lock.release()
         raise
-    return held
+    return held, locked
 
 
 async def _walk_l1(svc: L0Servicer, vm: L1Vm, keys: list[tuple[int, int, int]], walks: Walks) -> None:
@@ -216,12 +224,13 @@ async def _walk_l1(svc: L0Servicer, vm: L1Vm, keys: list[tuple[int, int, int]], 
 
 async def _look(svc: L0Servicer, silent: dict[str, NotLooked]) -> AuditReport:
     """One look at quiesced state: locks, L1 walks, TLB dumps, then the core's checks."""
-    held = await _lock_all(svc)
+    held, locked = await _lock_all(svc)
     try:
         walks: Walks = {}
         jobs = []
         for s in list(svc.by_name.values()):
-            keys = sorted({(gp.l1_lpid, gp.l1_gr_to_hr, slot.gpa) for gp in list(s.vm.nested.values()) for slot in svc.core.shadow_leaves(gp)})
+            guests = [gp for gp in list(s.vm.nested.values()) if gp in locked]  # others: see walk()
+            keys = sorted({(gp.l1_lpid, gp.l1_gr_to_hr, slot.gpa) for gp in guests for slot in svc.core.shadow_leaves(gp)})
             if s.name in silent:
                 walks.update({(s.name, pate, n_gpa): silent[s.name] for _, pate, n_gpa in keys})
             else:
@@ -230,8 +239,8 @@ async def _look(svc: L0Servicer, silent: dict[str, NotLooked]) -> AuditReport:
 
         def walk(name: str, pate: int, n_gpa: int) -> WalkResult | NotLooked:
             got = walks.get((name, pate, n_gpa))
-            if got is None:  # a leaf that appeared after the walks were sent (a new guest)
-                return NotLooked(f"L1 {name!r}: a shadow leaf appeared during the audit", transient=True)
+            if got is None:  # a guest created during the look (not locked) or a leaf since
+                return NotLooked(f"L1 {name!r}: a nested guest or shadow leaf appeared during the audit", transient=True)
             return got
 
         # TLB dumps: requested in one synchronous step, judged against the shadow state of
