@@ -184,7 +184,9 @@ async def serve_forever(
     log.info("stopped")
 
 
-_GAUGE_SUFFIXES = ("l1_sessions", "run_streams", "lpids_in_use", "_p50", "_p99", "_max", "run_tokens")
+_GAUGE_SUFFIXES: tuple[str, ...] = ("l1_sessions", "run_streams", "lpids_in_use", "_p50", "_p99", "_max")
+# Current-state values of L0 (services/l0/inspect.py counters): they go down, so gauges.
+_GAUGE_SUFFIXES += ("run_tokens", "nested_guests", "shadow_leaves", "host_blocks", "nest_rmap_entries", "nest_rmap_live", "nest_rmap_stale")
 
 
 def start_metrics(port: int, service: str, counters: Callable[[], dict[str, int]], host: str = "0.0.0.0") -> int:

@@ -41,7 +41,6 @@ import grpc
 import structlog
 
 from nestmmu.core import formats as f
-from nestmmu.core.audit import audit as core_audit
 from nestmmu.core.effects import (
     AccessResult,
     AcquireTlbLock,
@@ -69,6 +68,7 @@ from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB,
 
 from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever, start_metrics
 from . import data as data_mode
+from . import inspect as inspection
 
 log = structlog.get_logger("l0")
 
@@ -699,92 +699,19 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         dirty, n = await self._host_op(context, lambda: self.core.harvest_dirty(vm, request.slot_index), "slot_index")
         return l0_pb2.HarvestDirtyResponse(dirty_gpas=dirty, invalidations=n)
 
-    # ================================================================ inspection
+    # ================================================================ inspection (inspect.py)
     def counters(self) -> dict[str, int]:
-        out = {f"l0.{k}": int(v) for k, v in self.core.stats.items()}
-        out.update({f"svc.{k}": int(v) for k, v in self.stats.items()})
-        out["svc.l1_sessions"] = len(self.by_name)
-        out["svc.run_streams"] = sum(len(v) for v in self.streams.values())
-        out["svc.lpids_in_use"] = len(self.core.lpids_in_use)
-        out["svc.run_tokens"] = len(self.run_tokens)  # issued by H_ENTER_NESTED, not yet used by a Run (each holds a reference)
-        lat = sorted(self.latencies_us)
-        if lat:
-            out["svc.broadcast_latency_us_p50"] = int(lat[len(lat) // 2])
-            out["svc.broadcast_latency_us_p99"] = int(lat[min(len(lat) - 1, (len(lat) * 99) // 100)])
-        return out
+        return inspection.counters(self)
 
     async def GetStats(self, request: l0_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> l0_pb2.GetStatsResponse:
-        resp = l0_pb2.GetStatsResponse(counters=common_pb2.Counters(values=self.counters()))
-        for s in self.by_name.values():
-            leaves = sum(len(self.core.shadow_leaves(gp)) for gp in s.vm.nested.values())
-            resp.l1_summaries.add(name=s.name, l1_lpid_host=s.vm.lpid, nested_guests=len(s.vm.nested), shadow_leaves=leaves, run_streams=len(s.streams))
-        return resp
+        return await inspection.get_stats(self)
 
     async def DumpShadowTree(self, request: l0_pb2.DumpShadowTreeRequest, context: grpc.aio.ServicerContext) -> l0_pb2.DumpShadowTreeResponse:
-        vm = await self._vm(context, request.l1_name)
-        gp = vm.nested.get(request.l1_lpid)
-        if gp is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"L1 {request.l1_name!r} has no nested guest with lpid {request.l1_lpid}")
-        assert gp is not None
-        resp = l0_pb2.DumpShadowTreeResponse(shadow_lpid=gp.shadow_lpid)
-        for slot in self.core.shadow_leaves(gp):
-            resp.leaves.add(n_gpa=slot.gpa, pte=slot.pte, host_address=slot.pte & f.PTE_RPN_MASK, page_shift=slot.shift)
-        return resp
+        return await inspection.dump_shadow_tree(self, request, context)
 
     async def Audit(self, request: l0_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> l0_pb2.AuditResponse:
-        """I1-I7 across the services: L1 trees walked over the sessions, TLBs dumped by vCPUs."""
-        walks: dict[tuple[str, int, int], WalkResult] = {}
-        jobs = []
-        for s in list(self.by_name.values()):
-            for gp in list(s.vm.nested.values()):
-                for slot in self.core.shadow_leaves(gp):
-                    key = (s.name, gp.l1_gr_to_hr, slot.gpa)
-                    if key not in walks:
-                        walks[key] = WalkResult(f.DSISR_NOHPTE)
-                        jobs.append((key, s.vm))
-
-        async def one(key: tuple[str, int, int], vm: L1Vm) -> None:
-            try:
-                walks[key] = await self.answer(WalkL1Tree(vm, 0, key[1], key[2]), [])
-            except (L1Gone, TimeoutError):
-                walks[key] = WalkResult(f.DSISR_PRTABLE_FAULT)
-
-        await asyncio.gather(*(one(k, vm) for k, vm in jobs))
-        tlbs: list[tuple[str, TlbEntry]] = []
-        loop = asyncio.get_running_loop()
-        dumps = []
-        for ss in self.streams.values():
-            for st in ss:
-                if st.alive:
-                    did = self.next_inv
-                    self.next_inv += 1
-                    fut: asyncio.Future[list[TlbEntry]] = loop.create_future()
-                    st.dumps[did] = fut
-                    st.flush_results()
-                    st.out.put_nowait(l0_pb2.RunResponse(tlb_dump_request=l0_pb2.TlbDumpRequest(id=did)))
-                    dumps.append((st, fut))
-        if dumps:
-            await asyncio.wait([d[1] for d in dumps], timeout=self.ack_timeout)
-        for st, fut in dumps:
-            if fut.done():
-                tlbs += [(f"{st.session.name}/{st.gp.l1_lpid}/{st.vcpu_id}", e) for e in fut.result()]
-        rep = core_audit(self.core, lambda name, pate, gpa: walks.get((name, pate, gpa), WalkResult(f.DSISR_NOHPTE)), tlbs)
-        # Service-level I7: no stream or token outlives its L1 or its guest.
-        for ss in self.streams.values():
-            for st in ss:
-                if st.session.released:
-                    rep.add("I7", f"run stream of released L1 {st.session.name!r} still open")
-        for s, gp, _ in self.run_tokens.values():
-            if s.released or gp.freed:
-                rep.add("I7", f"run token of released L1 {s.name!r} or freed guest still valid")
-        rep.count("tlb_dumps", len(dumps))
-        resp = l0_pb2.AuditResponse(ok=rep.ok, checked=common_pb2.Counters(values=rep.checked))
-        for v in rep.violations:
-            resp.violations.add(invariant=v.invariant, detail=v.detail)
-        self.stats["audits"] += 1
-        if not rep.ok:
-            log.warning("audit_violations", count=len(rep.violations), first=str(rep.violations[0]))
-        return resp
+        """I1-I7 across the services, right or inconclusive (services/l0/inspect.py)."""
+        return await inspection.audit(self)
 
 
 def create_servicer(page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT) -> L0Servicer:

@@ -181,10 +181,14 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         try:
             async with self.lock:
                 guest, hcalls = core.create_guest(request.lpid, page_shift, request.memory_bytes, regions, data=request.data)
+                self.session.begin_tree_change(guest.lpid, hcalls)
         except ConfigError as e:
             await abort_invalid(context, _field_of_config_error(str(e)), str(e))
             raise AssertionError("unreachable") from e  # pragma: no cover
-        rc = await self._issue(context, hcalls)
+        try:
+            rc = await self._issue(context, hcalls)
+        finally:
+            self.session.end_tree_change(guest.lpid, hcalls)
         log.info("guest_created", lpid=guest.lpid, page_shift=page_shift, memory_bytes=request.memory_bytes, regions=len(regions), hcall_rc=rc)
         return l1_pb2.CreateGuestResponse(lpid=guest.lpid, hcall_rc=rc)
 
@@ -207,7 +211,7 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         await self._check_range(context, g, n_gpa, length)
         first, last = n_gpa >> g.page_shift, (n_gpa + length - 1) >> g.page_shift
         try:
-            return await self.tree_ops.run(core, self.lock, self.session.hcall, lpid, first, last, make)
+            return await self.tree_ops.run(core, self.lock, self.session.hcall, lpid, first, last, make, self.session.tree_change_marks(lpid))
         except L0Unavailable as e:
             await self._unavailable(context, e)
         except GuestGone:
@@ -244,7 +248,11 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         async with self.lock:
             pages = len(g.backing)
             hcalls = core.destroy_guest(request.lpid)
-        rc = await self._issue(context, hcalls)
+            self.session.begin_tree_change(request.lpid, hcalls)
+        try:
+            rc = await self._issue(context, hcalls)
+        finally:
+            self.session.end_tree_change(request.lpid, hcalls)
         log.info("guest_destroyed", lpid=request.lpid, pages=pages, hcall_rc=rc)
         return l1_pb2.DestroyGuestResponse(hcall_rc=rc, pages_changed=pages)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class L0Session:
         self.core: L1Hypervisor | None = None
         self.stats: Counter[str] = Counter()
         self.registered = asyncio.Event()  # set once the first registration completed
+        #: L2 lpid -> tree changes made whose invalidation hcalls have not returned yet (told to
+        #: L0 with every walk, so its audit does not judge a shadow leaf inside that window).
+        self.tree_changes_in_flight: Counter[int] = Counter()
         #: Serialises mutations of the core (held around core calls only, never across an RPC).
         self.lock = asyncio.Lock()
         self._on_core = on_core
@@ -258,7 +262,8 @@ class L0Session:
         if which == "walk":
             self.stats["walks"] += 1
             w = core.walk(c.walk.pate_dw0, c.walk.n_gpa)
-            return l0_pb2.L1Reply(call_id=c.call_id, walk=walk_to_proto(w))
+            inflight = self.tree_changes_in_flight[c.walk.l1_lpid]
+            return l0_pb2.L1Reply(call_id=c.call_id, walk=walk_to_proto(w), tree_changes_in_flight=inflight)
         if which == "read_memory":
             self.stats["memory_reads"] += 1
             data = core.read_memory(c.read_memory.gpa, c.read_memory.length)
@@ -288,6 +293,7 @@ class L0Session:
             await self._wait_page_not_busy(core, e.l1_lpid, e.asdr)
             async with self.lock:
                 reply, hcalls = core.handle_exit(e.l1_lpid, e.vcpu_id, ex)
+                self.begin_tree_change(e.l1_lpid, hcalls)
             self.stats["exits_handled"] += 1
             log.debug(
                 "exit_handled",
@@ -307,6 +313,8 @@ class L0Session:
             except BaseException:
                 run_remaining_steps(hcalls, done)
                 raise
+            finally:
+                self.end_tree_change(e.l1_lpid, hcalls)
             stream.send(
                 l0_pb2.L1Reply(
                     call_id=c.call_id,
@@ -330,6 +338,23 @@ class L0Session:
             self.stats["exit_waited_busy_page"] += 1
 
     # ------------------------------------------------------------------ hcalls
+    def begin_tree_change(self, lpid: int, hcalls: list[Hcall]) -> None:
+        """Call in the same synchronous section as the tree change (under ``lock``): from
+        here until :meth:`end_tree_change`, L0 may still hold leaves built from the old tree."""
+        if hcalls:
+            self.tree_changes_in_flight[lpid] += 1
+
+    def tree_change_marks(self, lpid: int) -> tuple[Callable[[list[Hcall]], None], Callable[[list[Hcall]], None]]:
+        """(begin, end) of one guest's tree changes, for a tree op run slice by slice."""
+        return functools.partial(self.begin_tree_change, lpid), functools.partial(self.end_tree_change, lpid)
+
+    def end_tree_change(self, lpid: int, hcalls: list[Hcall]) -> None:
+        """The change's invalidation hcalls returned (or failed: the session is then gone)."""
+        if hcalls:
+            self.tree_changes_in_flight[lpid] -= 1
+            if self.tree_changes_in_flight[lpid] <= 0:
+                del self.tree_changes_in_flight[lpid]
+
     async def hcall(self, h: Hcall) -> int:
         """Issue one hcall on the current session; L0Unavailable when there is none."""
         stream = self._stream

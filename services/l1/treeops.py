@@ -35,6 +35,9 @@ from .session import run_remaining_steps
 Chunks = Iterator[tuple[int, list[Hcall]]]
 #: Builds the chunked core op: (core, pages per chunk) -> chunks; validates at once.
 MakeChunks = Callable[[L1Hypervisor, int], Chunks]
+#: (begin, end) of a tree change for the audit (L0Session.tree_change_marks): begin in the same
+#: locked section as the tree write, end once that slice's invalidation hcalls returned.
+TreeChangeMarks = tuple[Callable[[list[Hcall]], None], Callable[[list[Hcall]], None]]
 
 
 class GuestGone(Exception):
@@ -78,6 +81,7 @@ async def run_tree_op(
     first_page: int,
     last_page: int,
     make: MakeChunks,
+    marks: TreeChangeMarks | None = None,
     slice_pages: int = TREE_OP_SLICE_PAGES,
 ) -> tuple[int, int]:
     """Run one tree op in slices; returns (first non-zero hcall rc or 0, pages changed).
@@ -93,6 +97,8 @@ async def run_tree_op(
         while True:
             async with lock:  # the core change only; never held across an hcall or a yield
                 step = next(chunks, None)
+                if step is not None and marks is not None:
+                    marks[0](step[1])  # the audit: leaves of this guest may be stale until end
             if step is None:
                 break
             n, hcalls = step
@@ -106,6 +112,8 @@ async def run_tree_op(
                         first_rc = rc
             finally:
                 run_remaining_steps(hcalls, done)  # no data-guest page left busy (see session)
+                if marks is not None:
+                    marks[1](hcalls)
             await asyncio.sleep(0)  # health, stats, walks and faults run between slices
         return first_rc, total
 
@@ -118,10 +126,18 @@ class TreeOps:
         self.tasks: set[asyncio.Task[tuple[int, int]]] = set()
 
     async def run(
-        self, core: L1Hypervisor, lock: asyncio.Lock, hcall: Callable[[Hcall], Awaitable[int]], lpid: int, first_page: int, last_page: int, make: MakeChunks
+        self,
+        core: L1Hypervisor,
+        lock: asyncio.Lock,
+        hcall: Callable[[Hcall], Awaitable[int]],
+        lpid: int,
+        first_page: int,
+        last_page: int,
+        make: MakeChunks,
+        marks: TreeChangeMarks | None = None,
     ) -> tuple[int, int]:
         """run_tree_op in a task of its own that finishes even if the caller is cancelled."""
-        task = asyncio.create_task(run_tree_op(core, lock, self.reservations, hcall, lpid, first_page, last_page, make))
+        task = asyncio.create_task(run_tree_op(core, lock, self.reservations, hcall, lpid, first_page, last_page, make, marks))
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return await asyncio.shield(task)

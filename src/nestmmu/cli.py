@@ -264,14 +264,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     asyncio.run(cluster.check_services([("L0", args.l0, L0_SERVICE_NAME)]))
     r = asyncio.run(cluster.audit(args.l0))
     found = [f"{v.invariant}: {v.detail}" for v in r.violations]
-    out = {"ok": r.ok, "violations": found, "checked": dict(r.checked.values)}
+    # CLEAN / VIOLATIONS / INCONCLUSIVE; an old L0 that sends no outcome: judge by ok.
+    outcome = cluster.audit_outcome(r)
+    reasons = list(r.inconclusive_reasons)
+    out = {"ok": r.ok, "outcome": outcome, "violations": found, "inconclusive_reasons": reasons, "checked": dict(r.checked.values)}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
         for line in found:
             print(line)
-        print(f"audit {'clean' if r.ok else 'FAILED'}: checked {out['checked']}")
-    return 0 if r.ok else 1
+        for why in reasons:
+            print(f"inconclusive: {why}")
+        word = {"CLEAN": "clean", "VIOLATIONS": "FAILED", "INCONCLUSIVE": "INCONCLUSIVE"}[outcome]
+        print(f"audit {word}: checked {out['checked']}")
+    return {"CLEAN": EXIT_OK, "VIOLATIONS": EXIT_PROBLEM, "INCONCLUSIVE": EXIT_INCONCLUSIVE}[outcome]
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -459,12 +459,32 @@ async def _audit_while_attached(l0: str, stop: asyncio.Event, churn_gate: asynci
             return
         async with churn_gate:  # no L1 tree change or migration in flight while it looks
             aud = await stub.Audit(l0_pb2.AuditRequest(), timeout=DEADLINE)
-    out.update({"ok": aud.ok, "violations": [f"{v.invariant}: {v.detail}" for v in aud.violations], "checked": dict(aud.checked.values)})
+    out.update(audit_summary(aud))
 
 
 async def audit(l0: str) -> l0_pb2.AuditResponse:
     async with insecure_channel(l0) as ch:
         return await l0_pb2_grpc.L0ServiceStub(ch).Audit(l0_pb2.AuditRequest(), timeout=DEADLINE)
+
+
+def audit_summary(r: l0_pb2.AuditResponse) -> dict[str, Any]:
+    """An audit as the demo/workload/chaos reports show it."""
+    return {
+        "ok": r.ok,
+        "outcome": audit_outcome(r),
+        "violations": [f"{v.invariant}: {v.detail}" for v in r.violations],
+        "inconclusive_reasons": list(r.inconclusive_reasons),
+        "checked": dict(r.checked.values),
+    }
+
+
+def audit_outcome(r: l0_pb2.AuditResponse) -> str:
+    """CLEAN, VIOLATIONS or INCONCLUSIVE (an L0 that predates the outcome field: from ok)."""
+    if r.violations or not r.ok:
+        return "VIOLATIONS"
+    if r.outcome == l0_pb2.AUDIT_OUTCOME_INCONCLUSIVE or r.inconclusive_reasons:
+        return "INCONCLUSIVE"
+    return "CLEAN"
 
 
 async def l0_counters(l0: str) -> dict[str, int]:
@@ -510,7 +530,7 @@ def summarize(
             "details": [d for r in reports for d in r.lost_write_details][:16],
         }
     if aud is not None:
-        out["audit"] = {"ok": aud.ok, "violations": [f"{v.invariant}: {v.detail}" for v in aud.violations], "checked": dict(aud.checked.values)}
+        out["audit"] = audit_summary(aud)
     return out
 
 

@@ -48,3 +48,8 @@ def test_l0_metrics_follow_the_core() -> None:
     assert value(after, 'nestmmu_l0_events_total{event="l0.nested_faults"}') >= 4  # two pages, each NOHPTE then fill
     assert value(after, 'nestmmu_l0_events_total{event="l0.reflected.NOHPTE"}') == 2
     assert value(after, "nestmmu_l0_lpids_in_use") == 2  # the L1 and its nested guest
+    # Nested rmap accounting: gauges (they go down), live + stale = entries.
+    assert re.search(r"^# TYPE nestmmu_l0_nest_rmap_stale gauge$", after, re.M)
+    entries = value(after, "nestmmu_l0_nest_rmap_entries")
+    assert entries == 2 and value(after, "nestmmu_l0_nest_rmap_live") + value(after, "nestmmu_l0_nest_rmap_stale") == entries
+    assert value(after, "nestmmu_l0_nested_guests") == 1 and value(after, "nestmmu_l0_shadow_leaves") == 2

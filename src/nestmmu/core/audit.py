@@ -2,6 +2,16 @@
 
 The checks only *read*: L0's tables, the L1s' trees (through a walk function, so the same code
 audits an in-process cluster and a running one), and TLB entries.
+
+Right or inconclusive.  A running cluster changes while it is read, and an L1 may not answer.
+The audit therefore never judges what it could not look at, nor what was legitimately in
+transition: the walk function may answer :class:`NotLooked` instead of a walk (the L1 did not
+answer; or it had changed that guest's tree and its invalidation hcall had not yet returned,
+the window in which the shadow may still hold a leaf built from the old L1 entry).  Such leaves
+are skipped and the reason recorded; the report is then INCONCLUSIVE unless a violation was
+found elsewhere.  TLB entries are judged against the shadow trees as they were when the dump
+was requested (:func:`snapshot_shadow`): a vCPU answers its dump in stream order, so its TLB
+reflects exactly the fills and tlbies queued before that moment.
 """
 
 from __future__ import annotations
@@ -14,8 +24,26 @@ from .l0 import KvmNestedGuest, L0Hypervisor
 from .radix import WalkResult
 from .vcpu import TlbEntry, allowed_mask
 
-# walk(l1_name, pate_dw0, n_gpa) -> WalkResult of the L1's tree
-WalkFn = Callable[[str, int, int], WalkResult]
+
+@dataclass(frozen=True)
+class NotLooked:
+    """A walk that was not done or cannot be trusted: the leaf proves nothing either way.
+
+    ``transient``: a change was in flight (an L1 tree change whose invalidation hcall has not
+    returned, a guest that appeared during the audit); a later look may settle it.  Otherwise
+    the L1 could not be asked at all (gone, stopped, timed out).
+    """
+
+    reason: str
+    transient: bool = False
+
+
+# walk(l1_name, pate_dw0, n_gpa) -> WalkResult of the L1's tree, or NotLooked
+WalkFn = Callable[[str, int, int], "WalkResult | NotLooked"]
+
+CLEAN = "CLEAN"
+VIOLATIONS = "VIOLATIONS"
+INCONCLUSIVE = "INCONCLUSIVE"
 
 PERMS = f.PTE_EAA_READ | f.PTE_EAA_RW | f.PTE_EAA_EXEC
 
@@ -33,32 +61,81 @@ class Violation:
 class AuditReport:
     violations: list[Violation] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
+    #: Why something could not be examined (unique, in order of discovery).
+    inconclusive: list[str] = field(default_factory=list)
+    #: Leaves skipped because a change was in flight (a retry may settle them).
+    transient: int = 0
 
     @property
     def ok(self) -> bool:
+        """No violation (the audit may still be inconclusive: see :attr:`outcome`)."""
         return not self.violations
+
+    @property
+    def outcome(self) -> str:
+        if self.violations:
+            return VIOLATIONS
+        return INCONCLUSIVE if self.inconclusive else CLEAN
 
     def add(self, inv: str, detail: str) -> None:
         self.violations.append(Violation(inv, detail))
+
+    def cannot_look(self, why: NotLooked) -> None:
+        if why.transient:
+            self.transient += 1
+        if why.reason not in self.inconclusive:
+            self.inconclusive.append(why.reason)
 
     def count(self, key: str, n: int = 1) -> None:
         self.checked[key] = self.checked.get(key, 0) + n
 
 
-def audit(l0: L0Hypervisor, walk: WalkFn, tlbs: Iterable[tuple[str, TlbEntry]] = ()) -> AuditReport:
+@dataclass(frozen=True)
+class ShadowSnapshot:
+    """The shadow trees at one instant, for judging TLB dumps requested at that instant."""
+
+    owner: dict[int, str]  # shadow LPID -> L1 name, for every live nested guest
+    # shadow LPID -> {(leaf gpa, shift): (pte, L1 owning the leaf's host page then, or "")}
+    leaves: dict[int, dict[tuple[int, int], tuple[int, str]]]
+
+    def lookup(self, lpid: int, page: int) -> tuple[int, int, str] | None:
+        """(shift, pte, host owner) of the leaf of ``lpid`` covering ``page``, if any."""
+        leaves = self.leaves.get(lpid)
+        if not leaves:
+            return None
+        for shift in {k[1] for k in leaves}:
+            got = leaves.get((page & ~((1 << shift) - 1), shift))
+            if got is not None:
+                return shift, got[0], got[1]
+        return None
+
+
+def snapshot_shadow(l0: L0Hypervisor) -> ShadowSnapshot:
+    """Copy every live nested guest's shadow leaves (and who owned their host pages)."""
+    owner: dict[int, str] = {}
+    leaves: dict[int, dict[tuple[int, int], tuple[int, str]]] = {}
+    for gp in l0.live_guests:
+        if gp.shadow_pgtable is None:
+            continue
+        owner[gp.shadow_lpid] = gp.l1_host.name
+        mine = leaves[gp.shadow_lpid] = {}
+        for s in gp.shadow_pgtable.leaves():
+            who = l0.host_owner_of(s.pte & f.PTE_RPN_MASK)
+            mine[(s.gpa, s.shift)] = (s.pte, who[0] if who else "")
+    return ShadowSnapshot(owner, leaves)
+
+
+def audit(l0: L0Hypervisor, walk: WalkFn, tlbs: Iterable[tuple[str, TlbEntry]] = (), tlb_reference: ShadowSnapshot | None = None) -> AuditReport:
     """Check I1-I4, I6 and I7 on L0 and the L1 trees, and I4/I5 on the given TLB entries.
 
-    ``tlbs`` yields (vcpu name, entry) for every live vCPU.
+    ``tlbs`` yields (vcpu name, entry) for every live vCPU; ``tlb_reference`` is the shadow
+    state when the TLBs were dumped (default: now, right for an in-process, quiescent cluster).
     """
     rep = AuditReport()
-    by_shadow: dict[int, KvmNestedGuest] = {}
     for vm in l0.l1s.values():
         for gp in vm.nested.values():
-            by_shadow[gp.shadow_lpid] = gp
             _audit_guest(l0, gp, walk, rep)
-    for gp in l0.live_guests:
-        by_shadow.setdefault(gp.shadow_lpid, gp)
-    _audit_tlbs(l0, by_shadow, tlbs, rep)
+    _audit_tlbs(l0, tlb_reference or snapshot_shadow(l0), tlbs, rep)
     _audit_leaks(l0, rep)
     return rep
 
@@ -82,6 +159,10 @@ def _audit_guest(l0: L0Hypervisor, gp: KvmNestedGuest, walk: WalkFn, rep: AuditR
             rep.add("I4", f"{where}: shadow leaf maps host {hpa:#x}+{size:#x} not owned by {vm.name}")
         # I1: composition of L1's tree and L0's table.
         g = walk(vm.name, gp.l1_gr_to_hr, slot.gpa)
+        if isinstance(g, NotLooked):
+            rep.count("shadow_leaves_not_judged")
+            rep.cannot_look(g)
+            continue
         if not g.ok:
             rep.add("I1", f"{where}: valid shadow leaf but L1's walk fails (code {g.code:#x})")
             continue
@@ -113,23 +194,22 @@ def _audit_guest(l0: L0Hypervisor, gp: KvmNestedGuest, walk: WalkFn, rep: AuditR
             rep.add("I6", f"{where}: no rmap entry at gfn {gfn:#x}")
 
 
-def _audit_tlbs(l0: L0Hypervisor, by_shadow: dict[int, KvmNestedGuest], tlbs: Iterable[tuple[str, TlbEntry]], rep: AuditReport) -> None:
+def _audit_tlbs(l0: L0Hypervisor, ref: ShadowSnapshot, tlbs: Iterable[tuple[str, TlbEntry]], rep: AuditReport) -> None:
     for name, e in tlbs:
         rep.count("tlb_entries")
         where = f"vCPU {name} TLB lpid {e.lpid} page {e.page:#x}"
-        gp = by_shadow.get(e.lpid)
-        if gp is None or gp.shadow_pgtable is None:
+        l1_name = ref.owner.get(e.lpid)
+        if l1_name is None:
             rep.add("I5", f"{where}: no live nested guest has this shadow LPID")
             continue
-        owner = l0.host_owner_of(e.host)
-        if owner is None or owner[0] != gp.l1_host.name:
-            rep.add("I4", f"{where}: host {e.host:#x} not owned by {gp.l1_host.name}")
-        slot = gp.shadow_pgtable.lookup_leaf(e.page)
-        if slot is None or slot.shift != e.shift or slot.pte & f.PTE_RPN_MASK != e.host:
+        leaf = ref.lookup(e.lpid, e.page)
+        if leaf is None or leaf[0] != e.shift or leaf[1] & f.PTE_RPN_MASK != e.host:
             rep.add("I5", f"{where}: no matching shadow leaf (stale translation)")
             continue
-        if e.mask & ~allowed_mask(slot.pte):
-            rep.add("I5", f"{where}: TLB allows more than the shadow leaf (mask {e.mask:#x} vs {allowed_mask(slot.pte):#x})")
+        if leaf[2] != l1_name:
+            rep.add("I4", f"{where}: host {e.host:#x} not owned by {l1_name}")
+        if e.mask & ~allowed_mask(leaf[1]):
+            rep.add("I5", f"{where}: TLB allows more than the shadow leaf (mask {e.mask:#x} vs {allowed_mask(leaf[1]):#x})")
 
 
 def _audit_leaks(l0: L0Hypervisor, rep: AuditReport) -> None:
@@ -140,6 +220,10 @@ def _audit_leaks(l0: L0Hypervisor, rep: AuditReport) -> None:
         registered = gp.l1_host.nested.get(gp.l1_lpid) is gp
         if gp.l1_host.released:
             rep.add("I7", f"nested guest {gp!r} outlives its L1")
+        elif gp.creating:
+            # kvmhv_get_nested between kvmhv_alloc_nested and registering it (H_ENTER_NESTED
+            # in flight, reading L1's PATE): held by its creator, not leaked.
+            rep.count("nested_guests_being_created")
         elif not registered and gp.refcnt <= 0:
             rep.add("I7", f"nested guest {gp!r} is neither registered nor referenced")
     for vm in l0.l1s.values():

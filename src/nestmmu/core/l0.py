@@ -160,6 +160,9 @@ class KvmNestedGuest:
         self.process_table = 0  # cached PATE dw1
         self.refcnt = 0
         self.freed = False
+        # Allocated by kvmhv_get_nested but not yet registered: the creator's local pointer
+        # (``newgp``) holds it while it reads L1's PATE (the audit counts it, not a leak).
+        self.creating = False
 
     def __repr__(self) -> str:
         return f"<nested {self.l1_host.name} lpid={self.l1_lpid} shadow={self.shadow_lpid} ref={self.refcnt}>"
@@ -626,7 +629,15 @@ class L0Hypervisor:
             return None
         gp = KvmNestedGuest(vm, l1_lpid, shadow_lpid, table)
         self.live_guests.add(gp)
-        yield from self.kvmhv_update_ptbl_cache(gp)
+        gp.creating = True
+        try:
+            yield from self.kvmhv_update_ptbl_cache(gp)
+        except GeneratorExit:
+            # The hcall was abandoned while L1 was being read (its caller went away): nothing
+            # will register this guest, so free it as the kernel frees an unused ``newgp``.
+            gp.creating = False
+            self.kvmhv_release_nested(gp)
+            raise
         return gp
 
     def kvmhv_get_nested(self, vm: L1Vm, l1_lpid: int, create: bool) -> Op[KvmNestedGuest | None]:
@@ -644,6 +655,7 @@ class L0Hypervisor:
             return None
         # __prealloc_nested: the IDR slot must be free; a concurrent creator that got there
         # first makes us fail (§9.15).
+        newgp.creating = False
         if l1_lpid in vm.nested or vm.released:
             self.kvmhv_release_nested(newgp)
             self.stats["nested_create_lost_race"] += 1
@@ -1401,6 +1413,55 @@ class L0Hypervisor:
     # ================================================================ inspection
     def shadow_leaves(self, gp: KvmNestedGuest) -> list[Slot]:
         return [] if gp.shadow_pgtable is None else list(gp.shadow_pgtable.leaves())
+
+
+@dataclass(frozen=True)
+class NestRmapCount:
+    """Nested rmap entries of all L1s: ``live`` ones name a shadow leaf that still maps the
+    L1 page they are filed under; the rest are ``stale`` (allowed by I6; see docs)."""
+
+    entries: int
+    live: int
+    stale: int
+
+
+def count_nest_rmap(l0: L0Hypervisor) -> NestRmapCount:
+    """Count live and stale nested rmap entries (a pure read; not kept on the hot path).
+
+    An entry is live exactly when kvmhv_remove_nest_rmap would act on it if the L1 page were
+    invalidated now: its lpid is a registered nested guest (``__find_nested``), whose shadow
+    tree has a present leaf at the entry's n_gpa, whose RPN lies in the L0 page at the gfn.
+    """
+    entries = live = 0
+    for vm in l0.l1s.values():
+        leaves: dict[int, dict[tuple[int, int], int]] = {}  # l1_lpid -> {(gpa, shift): pte}
+        for memslot in vm.memslots:
+            for gfn, lst in memslot.rmap.items():
+                entries += len(lst)
+                l0slot = vm.pgtable.lookup_leaf(gfn << l0.page_shift)
+                if l0slot is None:
+                    continue
+                mask = f.PTE_RPN_MASK & ~((1 << l0slot.shift) - 1)
+                hpa = l0slot.pte & mask
+                for entry in lst:
+                    pte = _nested_leaf_at(vm, leaves, f.rmap_entry_lpid(entry), f.rmap_entry_gpa(entry))
+                    if pte is not None and pte & mask == hpa:
+                        live += 1
+    return NestRmapCount(entries, live, entries - live)
+
+
+def _nested_leaf_at(vm: L1Vm, cache: dict[int, dict[tuple[int, int], int]], l1_lpid: int, n_gpa: int) -> int | None:
+    """PTE of the registered nested guest's shadow leaf covering n_gpa (leaves cached per lpid)."""
+    got = cache.get(l1_lpid)
+    if got is None:
+        gp = vm.nested.get(l1_lpid)
+        tbl = gp.shadow_pgtable if gp is not None else None
+        got = cache[l1_lpid] = {} if tbl is None else {(s.gpa, s.shift): s.pte for s in tbl.leaves()}
+    for shift in {k[1] for k in got}:
+        pte = got.get((n_gpa & ~((1 << shift) - 1), shift))
+        if pte is not None:
+            return pte
+    return None
 
 
 def _code_name(code: int) -> str:
