@@ -19,18 +19,23 @@ import grpc
 # a client may ping no more often than the server accepts, or the server answers GOAWAY
 # "too_many_pings" and every stream on that connection (an L1's Connect, a vCPU's Run) ends.
 #: Clients ping an idle connection every CLIENT_KEEPALIVE_MS and drop it when the ack has
-#: not come within KEEPALIVE_TIMEOUT_MS: a dead or wedged server is noticed within 15 s.
+#: not come within KEEPALIVE_TIMEOUT_MS: a dead or wedged server is noticed within 30 s.
+#: The timeout is longer than every application-level timeout (an L1 call 5 s, a tlbsync ack
+#: 2 s): a peer that is only paused for a few seconds (a SIGSTOPped L1, a busy machine) gets
+#: the architectural outcome (a failed walk, an inconclusive audit) and keeps its session;
+#: with 5 s, any ping sent while an L1 was paused (grpc also pings with data) ended its
+#: session 5 s later and L0 released every guest of an L1 that was merely paused.
 CLIENT_KEEPALIVE_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 #: Servers accept client pings as often as every SERVER_MIN_PING_INTERVAL_MS (half the client
 #: interval: a ping delayed by a busy event loop followed by a punctual one is not a strike).
 SERVER_MIN_PING_INTERVAL_MS = 5_000
 #: Servers ping idle clients (a vCPU or L1 that vanished without a FIN) every
-#: SERVER_KEEPALIVE_MS: a dead client is noticed within 20 s + 5 s.
+#: SERVER_KEEPALIVE_MS: a dead client is noticed within 20 s + 20 s.
 SERVER_KEEPALIVE_MS = 20_000
 # grpcio 1.85 closes a transport whose ping went unanswered after grpc.http2.ping_timeout_ms
 # (default 60 s), not after keepalive_timeout_ms alone: both are set to KEEPALIVE_TIMEOUT_MS
-# (measured: a SIGSTOPped server is noticed after 15 s with it, not within 40 s without).
+# (measured: a SIGSTOPped L0 is noticed by L1 and L2 after 29.4 s with it, bound 30 s).
 MAX_MESSAGE_BYTES = 64 << 20
 
 _MESSAGE_OPTIONS: list[tuple[str, int]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
