@@ -128,6 +128,8 @@ class RunStream:
             res.host_addresses.append(0)
             res.flags.append(0)
         res.dsisrs.append(r.dsisr)
+        if r.outcome is Outcome.ERROR:
+            res.error_reasons[index] = r.detail or "the access failed in L0 (no detail)"
 
     def flush_results(self, done: bool = False, next_index: int = 0) -> None:
         if self.res is None and not done:
@@ -543,7 +545,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
                 if isinstance(msg, str):
                     if msg.startswith("invalid:"):
                         _, fld, desc = msg.split(":", 2)
+                        yield l0_pb2.RunResponse(ended=l0_pb2.RunEnded(reason=f"INVALID_ARGUMENT: {fld}: {desc}"))
                         await abort_invalid(context, fld, desc)
+                    yield l0_pb2.RunResponse(ended=l0_pb2.RunEnded(reason=msg))
                     await context.abort(grpc.StatusCode.ABORTED, msg)
                 yield msg
         finally:

@@ -54,6 +54,8 @@ log = structlog.get_logger("l2.vcpu")
 #: A batch whose results make no progress for this long is abandoned (L0 itself bounds its
 #: calls to L1 with L1_CALL_TIMEOUT, so this only fires when L0 is wedged).
 BATCH_PROGRESS_TIMEOUT = 30.0
+#: Distinct ERROR reasons one vCPU reports in the workload's error_details.
+MAX_ERROR_REASONS = 4
 #: How long a detaching vCPU waits for L0 to end the Run stream after half-closing it before
 #: cancelling it (either way L0 sees the vCPU go and counts it as flushed).
 DETACH_TIMEOUT = 0.25
@@ -117,6 +119,10 @@ class RunStream:
         self.lock = threading.Lock()
         self.out: queue.Queue[l0_pb2.RunRequest | None] = queue.Queue()
         self.failure: str | None = None
+        #: Why L0 ended the stream (RunEnded), if it said so before ending it.
+        self.ended: str | None = None
+        #: Accesses that ended in ERROR, by L0's reason (reported once per reason).
+        self.error_reasons: Counter[str] = Counter()
         self.closing = False
         self._batch_id = 0
         self._expected = 0
@@ -288,6 +294,7 @@ class RunStream:
                 vcpu.apply(AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=r.dsisrs[i] if i < len(r.dsisrs) else 0))
             else:
                 vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
+        self._note_errors(r)
         self._progress = time.monotonic()
         if r.batch_done:
             self._data_result = (list(r.data_loaded), bytes(r.data_done))
@@ -319,15 +326,19 @@ class RunStream:
                         self._apply_invalidations(msg.invalidate)
                     elif which == "tlb_dump_request":
                         self._send_tlb_dump(msg.tlb_dump_request.id)
+                    elif which == "ended":
+                        # L0's own reason, before the status (which grpc may replace by
+                        # INTERNAL when this vCPU wrote into the already-ended stream).
+                        self.ended = msg.ended.reason
                     else:
                         self.stats["unexpected_messages"] += 1
             if not self.closing:
-                self.failure = "L0 ended the Run stream"
+                self.failure = self._ended_failure() or "L0 ended the Run stream"
         except grpc.RpcError as e:
             if not self._attached_seen:
                 self.failure = f"Run attach to L0 at {self.l0_address} failed: {e.code().name}: {e.details()}"
             elif not self.closing:
-                self.failure = f"Run stream broke: {e.code().name}: {e.details()}"
+                self.failure = self._ended_failure() or f"Run stream broke: {e.code().name}: {e.details()}"
         except Exception as e:
             self.failure = f"Run stream protocol error: {e!r}"
         finally:
@@ -335,6 +346,14 @@ class RunStream:
                 self.failure = f"L0 at {self.l0_address} ended the Run stream before RunAttached"
             self._wake(self._attached)
             self._wake(self._done)  # the workload loop checks self.failure
+
+    def _ended_failure(self) -> str | None:
+        return f"L0 ended the Run stream: {self.ended}" if self.ended else None
+
+    def _note_errors(self, r: l0_pb2.AccessResults) -> None:
+        """Keep L0's reason of every access that ended in ERROR (the report names them)."""
+        for why in r.error_reasons.values():
+            self.error_reasons[why] += 1
 
     def _wake(self, event: asyncio.Event) -> None:
         """Set an event of the workload's loop from the reader thread (asyncio.Event is not thread-safe)."""
@@ -363,6 +382,7 @@ class RunStream:
             else:
                 vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
         self._received += len(outcomes)
+        self._note_errors(r)
         self._progress = time.monotonic()
         if r.batch_done:
             if self._received != self._expected:
@@ -448,6 +468,10 @@ async def run_vcpu(
         try:
             await rs.run(spec, vcpu_index)
         finally:
+            if details is not None:  # accesses that ended in ERROR, with L0's reason
+                with rs.lock:
+                    reasons = rs.error_reasons.most_common(MAX_ERROR_REASONS)
+                details += [f"lpid {lpid} vCPU {vcpu_id}: {n} access(es) ended in ERROR: {why}" for why, n in reasons]
             if rs.data is not None:  # data mode: the checker's counts and first losses
                 with rs.lock:
                     stats.update(rs.data.checker.counters())

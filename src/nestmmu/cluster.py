@@ -550,6 +550,8 @@ class RawVcpu:
         self.done: asyncio.Queue[list[l0_pb2.AccessResults]] = asyncio.Queue()
         self.invalidations: list[common_pb2.Invalidation] = []
         self.log: list[str] = []  # "results" / "invalidate" in arrival order
+        self.error_reasons: dict[int, str] = {}  # ERROR outcomes' reasons, by index in their batch
+        self.ended: str | None = None  # the reason L0 gave before ending the stream (RunEnded)
         self.error: grpc.aio.AioRpcError | None = None
         self._partial: list[l0_pb2.AccessResults] = []
         self._next = 1
@@ -571,7 +573,10 @@ class RawVcpu:
                     if self.ack:
                         ids = [i.id for i in resp.invalidate.invalidations]
                         self.q.put_nowait(l0_pb2.RunRequest(ack=l0_pb2.InvalidationAck(invalidation_ids=ids)))
+                elif kind == "ended":
+                    self.ended = resp.ended.reason
                 elif kind == "results":
+                    self.error_reasons.update(resp.results.error_reasons)
                     self._partial.append(resp.results)
                     if resp.results.batch_done:
                         self.done.put_nowait(self._partial)
