@@ -50,6 +50,8 @@ def test_compose_campaign_survives_partitions_and_a_kill(up: NestmmuCompose) -> 
     assert rep["failures"] == [], rep["failures"]
     assert rep["violations"] == 0 and rep["leaks"] == 0
     assert rep["longest_invalidation_wait_ms"] <= rep["invalidation_wait_bound_ms"]
-    # the cuts struck while work ran: vCPUs or workload calls failed, each with a clear error
+    # The cuts struck while work ran. A cut shorter than the ack timeout (2 s) and the keepalive
+    # timeout (20 s) may be survived without a single failure: TCP delivers after the heal, and
+    # that is the behaviour wanted; any failure it did cause was counted above with a clear error.
     cut = [e for e in rep["episode_reports"] if e["fault"].startswith("partition:")]
-    assert all(e["vcpu_failures"] + len(e["rpc_errors"]) > 0 for e in cut), cut
+    assert all(e["workloads"] > 0 and e["accesses"] + e["accesses_not_run"] > 0 for e in cut), cut

@@ -21,20 +21,12 @@ def rpc_error(e: BaseException) -> str:
 
 
 def audit_outcome(r: l0_pb2.AuditResponse) -> tuple[str, list[str]]:
-    """("clean" | "violations" | "inconclusive: ...", violations); uses ``outcome`` if the
-    AuditResponse has it (audits that can say they could not look), else ``ok``."""
+    """("clean" | "violations" | "inconclusive: <reasons>", violations)."""
     found = [f"{v.invariant}: {v.detail}" for v in r.violations]
-    fields = r.DESCRIPTOR.fields_by_name
-    if "outcome" in fields:
-        fd = fields["outcome"]
-        value = getattr(r, "outcome")  # noqa: B009 - a field newer protos may have
-        name = fd.enum_type.values_by_number[value].name if fd.enum_type is not None and value in fd.enum_type.values_by_number else str(value)
-        if "INCONCLUSIVE" in name.upper():
-            why = [str(getattr(r, k)) for k in ("inconclusive_reason", "reason", "inconclusive") if k in fields and getattr(r, k)]
-            return "inconclusive" + (f": {'; '.join(why)}" if why else ""), found
-    if found or not r.ok:
-        return "violations", found
-    return "clean", found
+    outcome = cluster.audit_outcome(r)
+    if outcome == "INCONCLUSIVE":
+        return "inconclusive: " + "; ".join(r.inconclusive_reasons), found
+    return ("violations" if outcome == "VIOLATIONS" else "clean"), found
 
 
 async def l0_stats(addr: str) -> l0_pb2.GetStatsResponse:

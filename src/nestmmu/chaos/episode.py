@@ -11,7 +11,7 @@ from nestmmu import cluster
 from nestmmu.protos import l0_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 from .checks import account, audit_outcome, check_leaks, l1_guests, longest_wait_ms, rpc_error, wait_recovered
-from .report import AUDIT_CAN_BE_INCONCLUSIVE, WAIT_GRACE_S, Config, EpisodeReport, is_clear
+from .report import WAIT_GRACE_S, Config, EpisodeReport, is_clear
 from .schedule import Episode
 from .targets import Targets
 
@@ -139,7 +139,7 @@ async def run_episode(t: Targets, ep: Episode, cfg: Config, state: dict[str, flo
     if audit_during is not None:
         try:
             rep.audit_during, rep.violations_during_fault = audit_outcome(await audit_during)
-            if AUDIT_CAN_BE_INCONCLUSIVE and rep.audit_during == "violations":
+            if rep.audit_during == "violations":
                 # An audit that can say "could not look" has no excuse for a violation.
                 rep.failures.append(f"audit during the fault: {len(rep.violations_during_fault)} violations, first: {rep.violations_during_fault[0]}")
         except grpc.aio.AioRpcError as e:

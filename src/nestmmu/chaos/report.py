@@ -6,14 +6,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nestmmu.protos import l0_pb2
-
 #: The L0 event loop may need a moment to wake up after the ack timeout fired: a tlbsync wait
 #: counts as over its bound only past ack_timeout + this.
 WAIT_GRACE_S = 0.5
-#: An AuditResponse with ``outcome`` can say "inconclusive" instead of reporting what it could
-#: not look at as violations; then violations found while a fault lasts are failures too.
-AUDIT_CAN_BE_INCONCLUSIVE = "outcome" in l0_pb2.AuditResponse.DESCRIPTOR.fields_by_name
 #: Error texts that do not say what happened: grpc's client sets "Internal error from Core"
 #: when a write fails on a call the server already ended, hiding the server's status.
 OPAQUE_ERRORS = ("Internal error from Core",)
@@ -87,7 +82,6 @@ def summary(reports: list[EpisodeReport], planned: int, cfg: Config, seed: int, 
         "episodes_survived": sum(r.survived for r in reports),
         "faults_by_kind": dict(sorted(kinds.items())),
         "survived_by_kind": {k: sum(r.survived for r in reports if r.fault == k) for k in sorted(kinds)},
-        "audit_during_fault_checked": AUDIT_CAN_BE_INCONCLUSIVE,
         "violations": sum(len(r.violations) for r in reports if not r.inconclusive),
         "violations_during_fault": sum(len(r.violations_during_fault) for r in reports),
         "inconclusive_audits": sum(r.inconclusive for r in reports),
