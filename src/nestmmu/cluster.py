@@ -446,13 +446,19 @@ async def run_default_workload(
     return [r.report for r in results]
 
 
+#: The audit taken while vCPUs run waits for this many shadow leaves (vCPUs well under way).
+ATTACHED_AUDIT_MIN_LEAVES = 64
+
+
 async def _audit_while_attached(l0: str, stop: asyncio.Event, churn_gate: asyncio.Lock, out: dict[str, Any]) -> None:
-    """Once vCPUs are attached (L0's run_streams gauge), pause the churn and take one audit."""
+    """Once vCPUs are attached and have faulted pages in (L0's run_streams and shadow_leaves
+    gauges), pause the churn and take one audit: their TLBs then hold entries to check (I5)."""
     async with insecure_channel(l0) as ch:
         stub = l0_pb2_grpc.L0ServiceStub(ch)
         while not stop.is_set():
             r = await stub.GetStats(l0_pb2.GetStatsRequest(), timeout=DEADLINE)
-            if r.counters.values.get("svc.run_streams", 0) > 0:
+            values = r.counters.values
+            if values.get("svc.run_streams", 0) > 0 and values.get("l0.shadow_leaves", 0) >= ATTACHED_AUDIT_MIN_LEAVES:
                 break
             await asyncio.sleep(0.02)
         else:
