@@ -23,7 +23,7 @@ from nestmmu.protos import L1_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc
 
 from ..common import abort_invalid, serve_forever
 from ..connection import Health
-from .session import L0Session, L0Unavailable, run_remaining_steps, walk_to_proto
+from .session import L0Session, L0Unavailable, issue_in_order, walk_to_proto
 from .treeops import GuestGone, MakeChunks, TreeOps
 
 if TYPE_CHECKING:
@@ -122,21 +122,10 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
 
     async def _issue(self, context: Ctx, hcalls: list[Hcall]) -> int:
         """Issue hcalls in order; the first non-zero H_* code, else H_SUCCESS."""
-        first = 0
-        done = 0
         try:
-            for h in hcalls:
-                rc = await self.session.hcall(h)
-                done += 1
-                if rc and not first:
-                    first = rc
+            return await issue_in_order(hcalls, self.session.hcall)
         except L0Unavailable as e:
-            run_remaining_steps(hcalls, done)
             await self._unavailable(context, e)
-        except BaseException:
-            run_remaining_steps(hcalls, done)
-            raise
-        return first
 
     async def _check_range(self, context: Ctx, g: L2Guest, n_gpa: int, length: int) -> None:
         if length == 0:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import functools
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -50,7 +50,6 @@ BUSY_POLL = 0.002
 BUSY_WAIT_MAX = 2.0
 
 
-
 def run_remaining_steps(hcalls: list[Hcall], done: int) -> None:
     """The hcall list stopped at ``done`` (L0 gone, caller cancelled): still run L1's own steps
     after it, so no data-guest page is left busy without a leaf (its copy may be missing:
@@ -58,6 +57,22 @@ def run_remaining_steps(hcalls: list[Hcall], done: int) -> None:
     for h in hcalls[done:]:
         if isinstance(h, L1Step):
             h.run()
+
+
+async def issue_in_order(hcalls: list[Hcall], call: Callable[[Hcall], Awaitable[int]]) -> int:
+    """Issue hcalls one after another (Linux-as-L1's order); the first non-zero H_* code, else
+    H_SUCCESS. If one fails (L0 gone, caller cancelled), L1's own steps after it still run."""
+    first = 0
+    done = 0
+    try:
+        for h in hcalls:
+            rc = await call(h)
+            done += 1
+            if rc and not first:
+                first = rc
+    finally:
+        run_remaining_steps(hcalls, done)
+    return first
 
 
 class L0Unavailable(Exception):
@@ -305,14 +320,8 @@ class L0Session:
                 action=reply.action.value,
                 hcalls=len(hcalls),
             )
-            done = 0
             try:
-                for h in hcalls:
-                    await self._hcall(stream, h, rid)
-                    done += 1
-            except BaseException:
-                run_remaining_steps(hcalls, done)
-                raise
+                await issue_in_order(hcalls, functools.partial(self._hcall, stream, rid=rid))
             finally:
                 self.end_tree_change(e.l1_lpid, hcalls)
             stream.send(

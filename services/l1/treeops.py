@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from nestmmu.core.l1 import Hcall, L1Hypervisor
 from nestmmu.limits import TREE_OP_SLICE_PAGES
 
-from .session import run_remaining_steps
+from .session import issue_in_order
 
 Chunks = Iterator[tuple[int, list[Hcall]]]
 #: Builds the chunked core op: (core, pages per chunk) -> chunks; validates at once.
@@ -103,15 +103,10 @@ async def run_tree_op(
                 break
             n, hcalls = step
             total += n
-            done = 0
             try:
-                for h in hcalls:
-                    rc = await hcall(h)
-                    done += 1
-                    if rc and not first_rc:
-                        first_rc = rc
+                rc = await issue_in_order(hcalls, hcall)
+                first_rc = first_rc or rc
             finally:
-                run_remaining_steps(hcalls, done)  # no data-guest page left busy (see session)
                 if marks is not None:
                     marks[1](hcalls)
             await asyncio.sleep(0)  # health, stats, walks and faults run between slices

@@ -220,15 +220,20 @@ class RunStream:
         self._progress = time.monotonic()
         self._log.debug("batch_sent", request_id=rid, batch_id=self._batch_id, accesses=len(send))
         self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
+        await self._wait_batch_done()
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+
+    async def _wait_batch_done(self) -> None:
+        """Until the reader applied the batch's last results; a batch whose results make no
+        progress for BATCH_PROGRESS_TIMEOUT fails the vCPU (L0 is wedged)."""
         while not self._done.is_set():
             try:
                 await asyncio.wait_for(self._done.wait(), 1.0)
             except TimeoutError:
                 if time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
                     self.failure = f"no results for batch {self._batch_id} for {BATCH_PROGRESS_TIMEOUT}s"
-                    break
-        if self.failure is not None:
-            raise VcpuFailed(self.failure)
+                    return
 
     # ------------------------------------------------------------------ data mode
     async def _run_data(self, spec: WorkloadSpec, vcpu_index: int) -> None:
@@ -268,13 +273,7 @@ class RunStream:
 
     async def _data_round(self) -> tuple[list[int], bytes]:
         """Wait for the results and loaded values of the batch _send_data_batch queued."""
-        while not self._done.is_set():
-            try:
-                await asyncio.wait_for(self._done.wait(), 1.0)
-            except TimeoutError:
-                if time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
-                    self.failure = f"no results for data batch {self._batch_id} for {BATCH_PROGRESS_TIMEOUT}s"
-                    break
+        await self._wait_batch_done()
         if self.failure is not None or self._data_result is None:
             raise VcpuFailed(self.failure or "data batch ended without its values")
         return self._data_result
