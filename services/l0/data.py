@@ -24,8 +24,10 @@ from nestmmu.core.formats import Access
 from nestmmu.core.l0 import L0Hypervisor, L1Vm
 from nestmmu.protos import l0_pb2
 
+from .state import L1Gone, RunStream
+
 if TYPE_CHECKING:
-    from .server import L0Servicer, RunStream
+    from .server import L0Servicer
 
 #: How long a nested fault waits for a host page move before it retries anyway (seconds).
 MOVE_WAIT = 5.0
@@ -96,7 +98,6 @@ def check_data_batch(b: l0_pb2.AccessBatch) -> str | None:
 
 async def run_data_batch(srv: L0Servicer, st: RunStream, b: l0_pb2.AccessBatch) -> int:
     """Perform one data batch; returns the number of accesses run."""
-    from .server import L1Gone  # the server module imports this one
 
     core = srv.core
     gp = st.gp

@@ -27,14 +27,12 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import secrets
 import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Generator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -42,13 +40,11 @@ import structlog
 
 from nestmmu.core import formats as f
 from nestmmu.core.effects import (
-    AccessResult,
     AcquireTlbLock,
     Effect,
     ExitAction,
     ExitReply,
     Invalidation,
-    Outcome,
     Preempt,
     ReadL1Memory,
     ReflectExit,
@@ -58,119 +54,22 @@ from nestmmu.core.effects import (
     WalkL1Tree,
     WriteL1Memory,
 )
-from nestmmu.core.formats import Access
 from nestmmu.core.l0 import ConfigError, HvGuestState, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
 from nestmmu.core.radix import WalkResult
-from nestmmu.core.vcpu import TlbEntry, allowed_mask
-from nestmmu.limits import MAX_BATCH, MAX_MEMSLOTS, RUN_WORKER_SLICE_S
+from nestmmu.limits import MAX_MEMSLOTS
 from nestmmu.protos import L0_SERVICE_NAME, SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
-from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB, OUTCOME_TO_PB, SCOPE_TO_PB, fill_flags
+from nestmmu.wire import ACCESS_TO_PB, EXIT_FROM_PB
 
-from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, new_request_id, request_id_var, serve_forever, start_metrics
+from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_request, request_id_var, serve_forever, start_metrics
 from . import data as data_mode
 from . import inspect as inspection
+from . import run as run_rpc
+from .state import L1Gone, L1Session, RunStream
 
 log = structlog.get_logger("l0")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RUN_TOKEN_TTL = 60.0
-
-
-class L1Gone(Exception):
-    """The L1 a call was for has left; the operation cannot complete."""
-
-
-@dataclass(eq=False)
-class L1Session:
-    token: str
-    name: str
-    vm: L1Vm
-    out: asyncio.Queue[l0_pb2.L0Call | None] = field(default_factory=asyncio.Queue)
-    pending: dict[int, asyncio.Future[l0_pb2.L1Reply]] = field(default_factory=dict)
-    next_call: int = 1
-    released: bool = False
-    streams: set[RunStream] = field(default_factory=set)
-    tokens: set[str] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class RunStream:
-    """One vCPU's run stream: an ordered outgoing queue, buffered results, pending acks."""
-
-    session: L1Session
-    gp: KvmNestedGuest
-    vcpu_id: int
-    out: asyncio.Queue[l0_pb2.RunResponse | str | None] = field(default_factory=asyncio.Queue)
-    alive: bool = True
-    ref_held: bool = True
-    batch_id: int = 0
-    first_index: int = 0
-    res: l0_pb2.AccessResults | None = None
-    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    dumps: dict[int, asyncio.Future[list[TlbEntry]]] = field(default_factory=dict)
-
-    @property
-    def lpid(self) -> int:
-        return self.gp.shadow_lpid
-
-    def add_result(self, index: int, r: AccessResult) -> None:
-        if self.res is None:
-            self.res = l0_pb2.AccessResults(batch_id=self.batch_id, first_index=index)
-        res = self.res
-        res.outcomes.append(OUTCOME_TO_PB[r.outcome])
-        t = r.translation
-        if t is not None:
-            res.page_addresses.append(t.page)
-            res.host_addresses.append(t.host)
-            res.flags.append(fill_flags(t.pte, t.shift))
-        else:
-            res.page_addresses.append(0)
-            res.host_addresses.append(0)
-            res.flags.append(0)
-        res.dsisrs.append(r.dsisr)
-        if r.outcome is Outcome.ERROR:
-            res.error_reasons[index] = r.detail or "the access failed in L0 (no detail)"
-
-    def flush_results(self, done: bool = False, next_index: int = 0) -> None:
-        if self.res is None and not done:
-            return
-        res = self.res or l0_pb2.AccessResults(batch_id=self.batch_id, first_index=next_index)
-        res.batch_done = done
-        self.res = None
-        self.out.put_nowait(l0_pb2.RunResponse(results=res))
-
-    def send_invalidations(self, items: list[tuple[int, Invalidation]]) -> list[asyncio.Future[None]]:
-        """Queue tlbies behind every result computed so far; futures resolve on ack."""
-        self.flush_results()
-        loop = asyncio.get_running_loop()
-        msg = l0_pb2.InvalidationBroadcast()
-        futs = []
-        for inv_id, inv in items:
-            msg.invalidations.add(id=inv_id, lpid=inv.lpid, scope=SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason)
-            fut = self.acks[inv_id] = loop.create_future()
-            futs.append(fut)
-        self.out.put_nowait(l0_pb2.RunResponse(invalidate=msg))
-        return futs
-
-    def ack(self, ids: list[int]) -> None:
-        for i in ids:
-            fut = self.acks.pop(i, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    def close(self, reason: str | None = None) -> None:
-        """The stream is gone (or being cut): its TLB is gone, so pending acks count as done."""
-        if not self.alive:
-            return
-        self.alive = False
-        for fut in self.acks.values():
-            if not fut.done():
-                fut.set_result(None)
-        self.acks.clear()
-        for d in self.dumps.values():
-            if not d.done():
-                d.set_result([])
-        self.out.put_nowait(reason if reason else None)
 
 
 class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
@@ -512,157 +411,12 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         rc = core.l1_zero_memory(s.vm, r.dst_gpa, r.length) if r.zero else core.l1_copy_memory(s.vm, r.dst_gpa, r.src_gpa, r.length)
         return l0_pb2.CopyL1MemoryResponse(hcall_rc=rc)
 
-    # ================================================================ vCPU run streams
-    async def Run(self, request_iterator: AsyncIterator[l0_pb2.RunRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.RunResponse]:
-        it = request_iterator.__aiter__()
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            return
-        if not first.HasField("attach"):
-            await abort_invalid(context, "attach", "the first message of Run must be RunAttach")
-        got = self.run_tokens.pop(first.attach.run_token, None)
-        if got is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or already used run token (get one from L1's AttachVcpu / H_ENTER_NESTED)")
-            return
-        s, gp, vcpu_id = got
-        s.tokens.discard(first.attach.run_token)
-        st = RunStream(s, gp, vcpu_id)
-        s.streams.add(st)
-        self.streams.setdefault(gp.shadow_lpid, set()).add(st)
-        self.stats["run_streams_opened"] += 1
-        structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
-        log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
-        batches: asyncio.Queue[l0_pb2.AccessBatch | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_run(st, it, batches))
-        worker = asyncio.create_task(self._run_worker(st, batches))
-        try:
-            yield l0_pb2.RunResponse(attached=l0_pb2.RunAttached(shadow_lpid=gp.shadow_lpid, l1_lpid=gp.l1_lpid, page_shift=self.core.page_shift))
-            while True:
-                msg = await st.out.get()
-                if msg is None:
-                    break
-                if isinstance(msg, str):
-                    if msg.startswith("invalid:"):
-                        _, fld, desc = msg.split(":", 2)
-                        yield l0_pb2.RunResponse(ended=l0_pb2.RunEnded(reason=f"INVALID_ARGUMENT: {fld}: {desc}"))
-                        await abort_invalid(context, fld, desc)
-                    yield l0_pb2.RunResponse(ended=l0_pb2.RunEnded(reason=msg))
-                    await context.abort(grpc.StatusCode.ABORTED, msg)
-                yield msg
-        finally:
-            reader.cancel()
-            worker.cancel()
-            self._drop_stream(st, None)
-            # unbind, not reset(token): a cancelled stream's generator may be finalised in
-            # another Context, where resetting this Context's tokens raises ValueError.
-            structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
-
-    async def _read_run(self, st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
-        try:
-            async for req in it:
-                kind = req.WhichOneof("message")
-                if kind == "batch":
-                    batches.put_nowait(req.batch)
-                elif kind == "ack":
-                    st.ack(list(req.ack.invalidation_ids))
-                elif kind == "tlb_dump":
-                    fut = st.dumps.pop(req.tlb_dump.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(
-                            [TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries]
-                        )
-        except (grpc.aio.AioRpcError, asyncio.CancelledError):
-            pass
-        finally:
-            batches.put_nowait(None)
-
-    def _check_batch(self, b: l0_pb2.AccessBatch) -> str | None:
-        n = len(b.addresses)
-        if len(b.kinds) != n:
-            return f"invalid:batch.kinds:has {len(b.kinds)} bytes for {n} addresses"
-        if n > MAX_BATCH:
-            return f"invalid:batch.addresses:{n} accesses; at most {MAX_BATCH} (MAX_BATCH) per batch"
-        if any(k not in (1, 2, 3) for k in b.kinds):
-            return "invalid:batch.kinds:each kind must be 1 (load), 2 (store) or 3 (ifetch)"
-        if n and max(b.addresses) >= 1 << 52:
-            return "invalid:batch.addresses:L2 real addresses must be below 2^52"
-        return None
-
-    async def _run_worker(self, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
-        core = self.core
-        try:
-            while True:
-                b = await batches.get()
-                if b is None or not st.alive:
-                    break
-                err = self._check_batch(b)
-                if err:
-                    st.close(err)
-                    break
-                rid = b.request_id or new_request_id()
-                request_id_var.set(rid)
-                structlog.contextvars.bind_contextvars(request_id=rid)
-                st.batch_id = b.batch_id
-                if b.data:
-                    err = data_mode.check_data_batch(b)
-                    if err:
-                        st.close(err)
-                        break
-                    self.stats["accesses"] += await data_mode.run_data_batch(self, st, b)
-                    self.stats["batches"] += 1
-                    structlog.contextvars.unbind_contextvars("request_id")
-                    continue
-                gp = st.gp
-                vcpu_id = st.vcpu_id
-                n = 0
-                slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
-                for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
-                    if time.perf_counter() > slice_end:
-                        # Shadow hits never suspend: give acks, other vCPUs and RPCs a turn.
-                        await asyncio.sleep(0)
-                        slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
-                    if not st.alive:
-                        break
-                    if gp.freed:
-                        st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
-                        continue
-                    try:
-                        await self.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), functools.partial(st.add_result, i))
-                    except (L1Gone, TimeoutError) as e:
-                        st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
-                        self.stats["access_errors_l1_unavailable"] += 1
-                    n += 1
-                if st.alive:
-                    st.flush_results(done=True, next_index=len(b.addresses))
-                self.stats["batches"] += 1
-                self.stats["accesses"] += n
-                structlog.contextvars.unbind_contextvars("request_id")
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # pragma: no cover - a bug: cut this vCPU, keep the server
-            log.exception("run_worker_failed")
-            st.close("internal error in L0 while running accesses")
-        else:
-            # The vCPU half-closed (or the stream was cut): end the stream now, so a departed
-            # vCPU counts as flushed at once instead of holding broadcasts until the timeout.
-            st.close(None)
+    # ================================================================ vCPU run streams (run.py)
+    def Run(self, request_iterator: AsyncIterator[l0_pb2.RunRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.RunResponse]:
+        return run_rpc.serve_run(self, request_iterator, context)
 
     def _drop_stream(self, st: RunStream, reason: str | None) -> None:
-        st.close(reason)
-        st.session.streams.discard(st)
-        ss = self.streams.get(st.lpid)
-        if ss is not None:
-            ss.discard(st)
-            if not ss:
-                del self.streams[st.lpid]
-        if st.ref_held:
-            st.ref_held = False
-            if not st.gp.freed:
-                self.core.kvmhv_put_nested(st.gp)
-                self.broadcast(self.core.take_invalidations())
-            self.stats["run_streams_closed"] += 1
-            log.info("vcpu_detached", shadow_lpid=st.lpid, vcpu=st.vcpu_id)
+        run_rpc.drop_stream(self, st, reason)
 
     # ================================================================ host operations
     async def _vm(self, context: grpc.aio.ServicerContext, name: str) -> L1Vm:
