@@ -22,6 +22,10 @@ Theory of operation
 * **tlbsync.** An operation returns only after every live vCPU of the LPID acknowledged its
   invalidations.  A vCPU whose stream ends counts as flushed; one that does not acknowledge
   within ``BROADCAST_ACK_TIMEOUT`` seconds is disconnected, not waited for.
+
+Beside this module: ``run`` (the vCPU Run streams), ``inspect`` (GetStats, DumpShadowTree and
+the audit), ``data`` (data mode: data batches, two-phase host page moves, L1 memory copies) and
+``state`` (what is kept per L1 session and per run stream).
 """
 
 from __future__ import annotations
