@@ -1,4 +1,4 @@
-"""One L2 vCPU across processes: attach through L1, run a workload on L0's Run stream.
+"""An L2 vCPU's Run stream with L0: batches up, results and tlbies down, acks that never wait (attach and the vCPU's life: vcpu.py).
 
 The vCPU itself (TLB, hit scan, batching rounds, counters) is the core
 :class:`~nestmmu.core.vcpu.Vcpu`; this module only moves its batches and results over gRPC.
@@ -27,35 +27,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
-from nestmmu.core import formats as f
 from nestmmu.core.data import DataMessage, DataVcpu
 from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Translation
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
-from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc
+from nestmmu.protos import l0_pb2, l0_pb2_grpc
 from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
-from ..connection import channel_options, insecure_channel
+from ..connection import channel_options
 
 log = structlog.get_logger("l2.vcpu")
 
 #: A batch whose results make no progress for this long is abandoned (L0 itself bounds its
 #: calls to L1 with L1_CALL_TIMEOUT, so this only fires when L0 is wedged).
 BATCH_PROGRESS_TIMEOUT = 30.0
-#: Distinct ERROR reasons one vCPU reports in the workload's error_details.
-MAX_ERROR_REASONS = 4
 #: How long a detaching vCPU waits for L0 to end the Run stream after half-closing it before
 #: cancelling it (either way L0 sees the vCPU go and counts it as flushed).
 DETACH_TIMEOUT = 0.25
@@ -77,7 +73,6 @@ _OTHER_OUTCOMES = {
 _ERROR = AccessResult(Outcome.ERROR)
 _HAS_BATCH_REQUEST_ID = "request_id" in l0_pb2.AccessBatch.DESCRIPTOR.fields_by_name
 
-_ids = itertools.count(1)
 #: One thread generates (parses) the large batches of every vCPU, one batch at a time: the
 #: event loop then shares the interpreter with one busy thread, not one per vCPU.
 _GENERATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2-generate")
@@ -283,18 +278,7 @@ class RunStream:
         if r.batch_id != self._batch_id or not self._batch_open:
             self.stats["stray_results"] += 1
             return
-        vcpu = self.vcpu
-        for i, o in enumerate(r.outcomes):
-            if o == _FILL:
-                fl, host = r.flags[i], r.host_addresses[i]
-                t = Translation(vcpu.lpid, r.page_addresses[i], host, fl & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK, pte_from_flags(host, fl))
-                vcpu.apply(AccessResult(Outcome.FILL, t))
-            elif o == _SI:
-                vcpu.apply(AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=r.dsisrs[i] if i < len(r.dsisrs) else 0))
-            else:
-                vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
-        self._note_errors(r)
-        self._progress = time.monotonic()
+        self._apply_outcomes(r)
         if r.batch_done:
             self._data_result = (list(r.data_loaded), bytes(r.data_done))
             self._batch_open = False
@@ -349,11 +333,6 @@ class RunStream:
     def _ended_failure(self) -> str | None:
         return f"L0 ended the Run stream: {self.ended}" if self.ended else None
 
-    def _note_errors(self, r: l0_pb2.AccessResults) -> None:
-        """Keep L0's reason of every access that ended in ERROR (the report names them)."""
-        for why in r.error_reasons.values():
-            self.error_reasons[why] += 1
-
     def _wake(self, event: asyncio.Event) -> None:
         """Set an event of the workload's loop from the reader thread (asyncio.Event is not thread-safe)."""
         loop = self._loop
@@ -361,17 +340,13 @@ class RunStream:
             with contextlib.suppress(RuntimeError):  # the loop is shutting down
                 loop.call_soon_threadsafe(event.set)
 
-    def _apply_results(self, r: l0_pb2.AccessResults) -> None:
-        if r.batch_id != self._batch_id or not self._batch_open:
-            self.stats["stray_results"] += 1
-            return
-        if r.first_index != self._received:
-            raise ValueError(f"batch {r.batch_id}: results start at {r.first_index}, expected {self._received}")
+    def _apply_outcomes(self, r: l0_pb2.AccessResults) -> None:
+        """Apply one results message to the TLB and counters, in order (fills, storage
+        interrupts, emulations, errors with their reasons)."""
         vcpu = self.vcpu
         lpid = vcpu.lpid
-        outcomes = r.outcomes
         pages, hosts, flags, dsisrs = r.page_addresses, r.host_addresses, r.flags, r.dsisrs
-        for i, o in enumerate(outcomes):
+        for i, o in enumerate(r.outcomes):
             if o == _FILL:
                 fl = flags[i]
                 host = hosts[i]
@@ -380,9 +355,18 @@ class RunStream:
                 vcpu.apply(AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=dsisrs[i] if i < len(dsisrs) else 0))
             else:
                 vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
-        self._received += len(outcomes)
-        self._note_errors(r)
+        for why in r.error_reasons.values():  # the report names every reason (run_vcpu)
+            self.error_reasons[why] += 1
         self._progress = time.monotonic()
+
+    def _apply_results(self, r: l0_pb2.AccessResults) -> None:
+        if r.batch_id != self._batch_id or not self._batch_open:
+            self.stats["stray_results"] += 1
+            return
+        if r.first_index != self._received:
+            raise ValueError(f"batch {r.batch_id}: results start at {r.first_index}, expected {self._received}")
+        self._apply_outcomes(r)
+        self._received += len(r.outcomes)
         if r.batch_done:
             if self._received != self._expected:
                 raise ValueError(f"batch {r.batch_id}: {self._received} results for {self._expected} accesses")
@@ -410,87 +394,4 @@ class RunStream:
         self.stats["tlb_dumps_sent"] += 1
 
 
-async def attach(l1_address: str, lpid: int, vcpu_id: int) -> l1_pb2.AttachVcpuResponse:
-    """AttachVcpu through L1 (H_ENTER_NESTED); VcpuFailed if L1 is unreachable or refuses."""
-    async with insecure_channel(l1_address) as channel:
-        try:
-            resp: l1_pb2.AttachVcpuResponse = await l1_pb2_grpc.L1ServiceStub(channel).AttachVcpu(
-                l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=vcpu_id), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
-            )
-        except grpc.aio.AioRpcError as e:
-            raise VcpuFailed(f"AttachVcpu via L1 at {l1_address} failed: {e.code().name}: {e.details()}") from e
-    if resp.hcall_rc != f.H.SUCCESS:
-        name = f.H(resp.hcall_rc).name if resp.hcall_rc in f.H._value2member_map_ else str(resp.hcall_rc)
-        raise VcpuFailed(f"H_ENTER_NESTED for lpid {lpid} vCPU {vcpu_id} returned H_{name} ({resp.hcall_rc})")
-    return resp
-
-
-async def run_vcpu(
-    l1_address: str,
-    lpid: int,
-    vcpu_id: int,
-    spec: WorkloadSpec,
-    vcpu_index: int,
-    *,
-    live: dict[int, LiveVcpu] | None = None,
-    details: list[str] | None = None,
-    attach_lock: asyncio.Lock | None = None,
-    data_details: list[str] | None = None,
-    on_l0: Callable[[str], None] | None = None,
-) -> Counter[str]:
-    """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
-
-    Returns the vCPU's counters plus ``"seconds"`` (wall clock, a float). A vCPU that cannot
-    attach or whose Run stream breaks does not raise: it counts ``errors`` (and
-    ``vcpu_failures``) and appends a one-line description to ``details``. ``live`` (if given)
-    holds the vCPU while it runs, for TLB dumps. ``attach_lock`` (if given) serialises the
-    attach step of the vCPUs sharing it: the first H_ENTER_NESTED of a guest creates the nested
-    guest in L0, and a concurrent first entry loses that race with H_PARAMETER, as in KVM.
-    """
-    t0 = time.perf_counter()
-    stats: Counter[str] = Counter()
-    key = next(_ids)
-    rid = new_request_id()
-    vlog = log.bind(vcpu_id=vcpu_id, l1_lpid=lpid, request_id=rid)
-    try:
-        if attach_lock is not None:
-            async with attach_lock:
-                resp = await attach(l1_address, lpid, vcpu_id)
-        else:
-            resp = await attach(l1_address, lpid, vcpu_id)
-        if on_l0 is not None:  # the L2's health watches the L0s its vCPUs run on
-            on_l0(resp.l0_address)
-        rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token)
-        stats = rs.stats
-        if live is not None:
-            live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu, rs.lock)
-        try:
-            await rs.run(spec, vcpu_index)
-        finally:
-            if details is not None:  # accesses that ended in ERROR, with L0's reason
-                with rs.lock:
-                    reasons = rs.error_reasons.most_common(MAX_ERROR_REASONS)
-                details += [f"lpid {lpid} vCPU {vcpu_id}: {n} access(es) ended in ERROR: {why}" for why, n in reasons]
-            if rs.data is not None:  # data mode: the checker's counts and first losses
-                with rs.lock:
-                    stats.update(rs.data.checker.counters())
-                    lost = list(rs.data.checker.details)
-                if data_details is not None:
-                    data_details += [
-                        f"lpid {lpid} vCPU {vcpu_id}: access {d.index} at L2 {d.address:#x}: expected {d.expected:#x}, got {d.got:#x}: {d.why}" for d in lost
-                    ]
-    except VcpuFailed as e:
-        stats["errors"] += 1
-        stats["vcpu_failures"] += 1
-        stats["accesses_not_run"] += max(0, spec.accesses - stats["accesses"])
-        vlog.warning("vcpu_failed", error=str(e))
-        if details is not None:
-            details.append(f"lpid {lpid} vCPU {vcpu_id}: {e}")
-    finally:
-        if live is not None:
-            live.pop(key, None)
-    stats["seconds"] = time.perf_counter() - t0  # type: ignore[assignment]
-    return stats
-
-
-__all__ = ["LiveVcpu", "RunStream", "VcpuFailed", "attach", "pte_from_flags", "run_vcpu"]
+__all__ = ["GIL_SWITCH_INTERVAL_S", "LiveVcpu", "RunStream", "VcpuFailed", "pte_from_flags"]

@@ -30,7 +30,8 @@ from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_
 from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
 from ..connection import Health, insecure_channel
 from .health import L0Watch
-from .runner import GIL_SWITCH_INTERVAL_S, LiveVcpu, run_vcpu
+from .runner import GIL_SWITCH_INTERVAL_S, LiveVcpu
+from .vcpu import run_vcpu
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
