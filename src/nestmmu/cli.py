@@ -11,6 +11,10 @@ Start here:
     nestmmu audit --l0 127.0.0.1:50051                              # I1-I7 across running services
     nestmmu bench                                                   # figures and ratios to baselines
     nestmmu trace --out t.txt -- ls /   &&   nestmmu demo --trace t.txt   # a real program's accesses
+    nestmmu demo --data                                             # stores carry values; every load checked
+    nestmmu chaos --episodes 12 --seed 1                            # kill/pause services under load, check recovery
+
+Exit codes: 0 ok, 1 ran but found a problem, 2 usage, 3 could not run, 4 audit inconclusive.
 
 L2 addresses are L2 *real* addresses (partition scope); L2 process tables are not modelled.
 """
