@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     workload_args(d)
     d.set_defaults(fn=cmd_demo)
 
-    a = sub.add_parser("audit", help="check invariants I1-I7 across running services (exit 1 on any violation)")
+    a = sub.add_parser("audit", help="check invariants I1-I7 across running services (exit 1 on violations, 4 when inconclusive)")
     a.add_argument("--l0", required=True, type=host_port, help="L0 address, HOST:PORT")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_audit)
