@@ -182,16 +182,22 @@ def _audit_guest(l0: L0Hypervisor, gp: KvmNestedGuest, walk: WalkFn, rep: AuditR
         if extra:
             rep.add("I2", f"{where}: shadow perms {spte & PERMS:#x} exceed L1 {g.pte & PERMS:#x} ∩ L0 {l0slot.pte & PERMS:#x}")
         # I3: R/C.
-        if spte & f.PTE_R and not (g.pte & f.PTE_R and l0slot.pte & f.PTE_R):
-            rep.add("I3", f"{where}: shadow R without L1 R and L0 R")
-        if spte & f.PTE_C and not (g.pte & f.PTE_C and l0slot.pte & f.PTE_C):
-            rep.add("I3", f"{where}: shadow C without L1 C and L0 C")
+        for bit, name in ((f.PTE_R, "R"), (f.PTE_C, "C")):
+            if spte & bit and not (g.pte & bit and l0slot.pte & bit):
+                ptes = f"shadow PTE {spte:#x}, L1 PTE {g.pte:#x}, L0 PTE {l0slot.pte:#x}"
+                rep.add("I3", f"{where}: shadow {name} but {_missing(name, g.pte & bit, l0slot.pte & bit)}; {ptes}")
         # I6: rmap completeness (entry kept at the L0-page-aligned gfn).
         memslot = vm.memslot_for(g.raddr)
         gfn = l0slot.gpa >> l0.page_shift
         entry = f.rmap_entry(gp.l1_lpid, slot.gpa)
         if memslot is None or entry not in memslot.rmap.get(gfn, ()):
             rep.add("I6", f"{where}: no rmap entry at gfn {gfn:#x}")
+
+
+def _missing(bit: str, in_l1: int, in_l0: int) -> str:
+    """Which of the two PTEs lacks the bit the shadow leaf has (I3 needs both)."""
+    gone = [who for who, has in (("L1", in_l1), ("L0", in_l0)) if not has]
+    return " and ".join(f"no {who} {bit}" for who in gone) + f" (I3 needs both L1 {bit} and L0 {bit})"
 
 
 def _audit_tlbs(l0: L0Hypervisor, ref: ShadowSnapshot, tlbs: Iterable[tuple[str, TlbEntry]], rep: AuditReport) -> None:
