@@ -102,3 +102,26 @@ def test_stale_exit_adds_c_when_the_leaf_lacks_it() -> None:
     assert l1.stats.get("create_pte.or_bits", 0) == 1
     rep = c.audit()
     assert rep.ok, [str(v) for v in rep.violations]
+
+
+def test_i3_names_the_missing_side_and_keeps_its_identity() -> None:
+    """The audit says which PTE lacks the bit (and shows all three); a second look that sees
+    the same violation with other PTE values (here L0 lost C too) confirms it by its key."""
+    c = InProcessCluster()
+    c.add_l1("a")
+    lpid = c.create_guest("a", page_shift=16)
+    s = c.attach_vcpu("a", lpid, 0)
+    assert c.access(s, ADDR, Access.STORE).outcome is Outcome.FILL
+    l1 = c.l1s["a"]
+    leaf = l1.walk(l1.guests[lpid].pate_dw0(), ADDR)
+    l1.mem.write_u64(leaf.leaf_addr, leaf.pte & ~f.PTE_C)  # an L1 bug: C cleared, no tlbie
+    first = c.audit().violations
+    assert [v.invariant for v in first] == ["I3"]
+    assert "shadow C without both L1 C and L0 C: L1 C missing (shadow PTE" in first[0].detail
+    vm = c.vms["a"]
+    l0leaf = vm.pgtable.lookup_leaf(leaf.raddr)
+    assert l0leaf is not None
+    vm.pgtable.mem.write_u64(l0leaf.addr, l0leaf.pte & ~f.PTE_C)
+    second = c.audit().violations
+    assert ": L1 C and L0 C missing (" in second[0].detail
+    assert second[0].key == first[0].key and str(second[0]) != str(first[0])

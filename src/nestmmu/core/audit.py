@@ -52,9 +52,16 @@ PERMS = f.PTE_EAA_READ | f.PTE_EAA_RW | f.PTE_EAA_EXEC
 class Violation:
     invariant: str
     detail: str
+    #: The part of ``detail`` that names the violation, without values that may change while it
+    #: persists (PTE bits another access sets): what a second look must see again to confirm it.
+    identity: str = ""
 
     def __str__(self) -> str:
         return f"{self.invariant}: {self.detail}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.invariant}: {self.identity or self.detail}"
 
 
 @dataclass
@@ -77,8 +84,8 @@ class AuditReport:
             return VIOLATIONS
         return INCONCLUSIVE if self.inconclusive else CLEAN
 
-    def add(self, inv: str, detail: str) -> None:
-        self.violations.append(Violation(inv, detail))
+    def add(self, inv: str, detail: str, identity: str = "") -> None:
+        self.violations.append(Violation(inv, detail, identity))
 
     def cannot_look(self, why: NotLooked) -> None:
         if why.transient:
@@ -184,20 +191,16 @@ def _audit_guest(l0: L0Hypervisor, gp: KvmNestedGuest, walk: WalkFn, rep: AuditR
         # I3: R/C.
         for bit, name in ((f.PTE_R, "R"), (f.PTE_C, "C")):
             if spte & bit and not (g.pte & bit and l0slot.pte & bit):
+                what = f"{where}: shadow {name} without both L1 {name} and L0 {name}"
+                missing = " and ".join(f"{who} {name}" for who, pte in (("L1", g.pte), ("L0", l0slot.pte)) if not pte & bit)
                 ptes = f"shadow PTE {spte:#x}, L1 PTE {g.pte:#x}, L0 PTE {l0slot.pte:#x}"
-                rep.add("I3", f"{where}: shadow {name} but {_missing(name, g.pte & bit, l0slot.pte & bit)}; {ptes}")
+                rep.add("I3", f"{what}: {missing} missing ({ptes})", identity=what)
         # I6: rmap completeness (entry kept at the L0-page-aligned gfn).
         memslot = vm.memslot_for(g.raddr)
         gfn = l0slot.gpa >> l0.page_shift
         entry = f.rmap_entry(gp.l1_lpid, slot.gpa)
         if memslot is None or entry not in memslot.rmap.get(gfn, ()):
             rep.add("I6", f"{where}: no rmap entry at gfn {gfn:#x}")
-
-
-def _missing(bit: str, in_l1: int, in_l0: int) -> str:
-    """Which of the two PTEs lacks the bit the shadow leaf has (I3 needs both)."""
-    gone = [who for who, has in (("L1", in_l1), ("L0", in_l0)) if not has]
-    return " and ".join(f"no {who} {bit}" for who in gone) + f" (I3 needs both L1 {bit} and L0 {bit})"
 
 
 def _audit_tlbs(l0: L0Hypervisor, ref: ShadowSnapshot, tlbs: Iterable[tuple[str, TlbEntry]], rep: AuditReport) -> None:
