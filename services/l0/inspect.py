@@ -25,7 +25,8 @@ cannot be quiesced is accounted for instead of being judged:
 * **TLB dumps** are judged against the shadow trees as they were when the dumps were requested
   (a vCPU answers in stream order, after every fill and tlbie queued before the request).
 * **Confirmation.**  Violations are looked at twice; only those seen both times are reported
-  (the others are counted as ``violations_unconfirmed`` and logged: they would mean the
+  (matched by :attr:`Violation.key`: the invariant and the leaf, not PTE bits that other
+  accesses may set in between; the others are counted as ``violations_unconfirmed`` and logged: they would mean the
   quiescing above missed a race).
 """
 
@@ -120,12 +121,12 @@ async def audit(svc: L0Servicer) -> l0_pb2.AuditResponse:
     if rep.violations:
         again = await _look(svc, silent)
         looks += 1
-        seen = {str(v) for v in again.violations}
-        gone = [v for v in rep.violations if str(v) not in seen]
+        seen = {v.key for v in again.violations}
+        gone = [v for v in rep.violations if v.key not in seen]
         if gone:
             rep.count("violations_unconfirmed", len(gone))
             log.warning("audit_violation_not_confirmed", count=len(gone), first=str(gone[0]))
-        rep.violations = [v for v in rep.violations if str(v) in seen]
+        rep.violations = [v for v in rep.violations if v.key in seen]
         for why in again.inconclusive:
             if why not in rep.inconclusive:
                 rep.inconclusive.append(why)

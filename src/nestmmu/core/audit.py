@@ -52,9 +52,16 @@ PERMS = f.PTE_EAA_READ | f.PTE_EAA_RW | f.PTE_EAA_EXEC
 class Violation:
     invariant: str
     detail: str
+    #: The part of ``detail`` that names the violation, without values that may change while it
+    #: persists (PTE bits another access sets): what a second look must see again to confirm it.
+    identity: str = ""
 
     def __str__(self) -> str:
         return f"{self.invariant}: {self.detail}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.invariant}: {self.identity or self.detail}"
 
 
 @dataclass
@@ -77,8 +84,8 @@ class AuditReport:
             return VIOLATIONS
         return INCONCLUSIVE if self.inconclusive else CLEAN
 
-    def add(self, inv: str, detail: str) -> None:
-        self.violations.append(Violation(inv, detail))
+    def add(self, inv: str, detail: str, identity: str = "") -> None:
+        self.violations.append(Violation(inv, detail, identity))
 
     def cannot_look(self, why: NotLooked) -> None:
         if why.transient:
@@ -182,10 +189,12 @@ def _audit_guest(l0: L0Hypervisor, gp: KvmNestedGuest, walk: WalkFn, rep: AuditR
         if extra:
             rep.add("I2", f"{where}: shadow perms {spte & PERMS:#x} exceed L1 {g.pte & PERMS:#x} ∩ L0 {l0slot.pte & PERMS:#x}")
         # I3: R/C.
-        if spte & f.PTE_R and not (g.pte & f.PTE_R and l0slot.pte & f.PTE_R):
-            rep.add("I3", f"{where}: shadow R without L1 R and L0 R")
-        if spte & f.PTE_C and not (g.pte & f.PTE_C and l0slot.pte & f.PTE_C):
-            rep.add("I3", f"{where}: shadow C without L1 C and L0 C")
+        for bit, name in ((f.PTE_R, "R"), (f.PTE_C, "C")):
+            if spte & bit and not (g.pte & bit and l0slot.pte & bit):
+                what = f"{where}: shadow {name} without both L1 {name} and L0 {name}"
+                missing = " and ".join(f"{who} {name}" for who, pte in (("L1", g.pte), ("L0", l0slot.pte)) if not pte & bit)
+                ptes = f"shadow PTE {spte:#x}, L1 PTE {g.pte:#x}, L0 PTE {l0slot.pte:#x}"
+                rep.add("I3", f"{what}: {missing} missing ({ptes})", identity=what)
         # I6: rmap completeness (entry kept at the L0-page-aligned gfn).
         memslot = vm.memslot_for(g.raddr)
         gfn = l0slot.gpa >> l0.page_shift

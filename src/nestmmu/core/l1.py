@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import formats as f
 from .effects import ExitAction, ExitReply, NestedExit
 from .formats import Access
-from .l0 import ConfigError, HvGuestState
+from .l0 import PTE_BITS_MUST_MATCH, ConfigError, HvGuestState
 from .memory import Allocator, MemoryFault, OutOfMemory, SimMemory
 from .radix import PMD_SHIFT, PUD_SHIFT, RadixTable, WalkResult, shift_to_level, walk_radix_tree
 
@@ -348,15 +348,38 @@ class L1Hypervisor:
         return None if slot is None else (slot.addr, slot.pte)
 
     def instantiate(self, guest: L2Guest, n_gpa: int, writing: bool) -> int:
-        """Linux-as-L1's instantiate for its L2: back the page, insert a leaf (R; C if store)."""
+        """Linux-as-L1's instantiate for its L2: back the page, insert a leaf (R; C if store).
+
+        Returns the leaf as it is afterwards (see :meth:`_create_leaf` when one was there)."""
         page = n_gpa >> guest.page_shift
         perms = self._page_perms(guest, page)
         l1_gpa = self._backing_for(guest, page)
         rc = f.PTE_R | (f.PTE_C if writing and perms & f.PTE_EAA_RW else 0)
         pte = f.make_pte(l1_gpa, perms, r=bool(rc & f.PTE_R), c=bool(rc & f.PTE_C))
-        self.mem.write_u64(self._leaf_slot(guest, page << guest.page_shift), pte)
-        self._count("leaves_instantiated")
-        return pte
+        return self._create_leaf(self._leaf_slot(guest, page << guest.page_shift), pte)
+
+    def _create_leaf(self, addr: int, pte: int) -> int:
+        """kvmppc_create_pte at the guest's page size, as Linux-as-L1 runs it for its L2.
+
+        A fault L1 handles late may find the leaf already there: another vCPU faulted on the
+        same page (both missed before either exit was handled) and its fault put the leaf in.
+        The kernel then adds its bits ("Valid 2MB page here already, add our extra bits";
+        WARN if other than W/R/C differ) and never clears any: that leaf may already have
+        given L2 a shadow leaf with C (and no tlbie follows), so dropping C here would break
+        shadow C => L1 C and lose the page's dirty bit."""
+        old = self.mem.read_u64(addr)
+        if not old & f.PTE_V:
+            self.mem.write_u64(addr, pte)
+            self._count("leaves_instantiated")
+            return pte
+        if old == pte:
+            self._count("create_pte.identical")
+            return old
+        if (old ^ pte) & PTE_BITS_MUST_MATCH:
+            self._count("warn.pte_bits_must_match")
+        self.mem.write_u64(addr, old | pte)
+        self._count("create_pte.or_bits")
+        return old | pte
 
     def _pages(self, guest: L2Guest, n_gpa: int, length: int) -> range:
         if length <= 0:
