@@ -387,9 +387,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_RUN
     try:
         print(f"[chaos] logs in {c.log_dir} (kept if anything failed)", file=sys.stderr)
-        code = finish(asyncio.run(chaos.run_campaign(chaos.LocalTargets(c), episodes, cfg, args.seed, progress)))
-        c.keep_logs = code != EXIT_OK
-        return code
+        rep = asyncio.run(chaos.run_campaign(chaos.LocalTargets(c), episodes, cfg, args.seed, progress))
+        c.keep_logs = chaos.exit_code(rep) != EXIT_OK
+        if not c.keep_logs:
+            rep.pop("logs", None)  # removed with the cluster when all went well
+        return finish(rep)
     finally:
         ctx.__exit__(None, None, None)
 
