@@ -176,7 +176,14 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         # request_id (bound by the run worker from the L2 batch) travels on in the L0Call.
         log.debug("exit_reflected", l1=eff.l1.name, l1_lpid=eff.l1_lpid, vcpu=eff.vcpu_id, trap=hex(ex.trap), hdsisr=hex(ex.hdsisr), n_gpa=hex(ex.asdr))
         call = l0_pb2.HandleExitCall(
-            l1_lpid=eff.l1_lpid, vcpu_id=eff.vcpu_id, trap=ex.trap, hdar=ex.hdar, hdsisr=ex.hdsisr, asdr=ex.asdr, access=ACCESS_TO_PB[ex.access]
+            l1_lpid=eff.l1_lpid,
+            vcpu_id=eff.vcpu_id,
+            trap=ex.trap,
+            hdar=ex.hdar,
+            hdsisr=ex.hdsisr,
+            asdr=ex.asdr,
+            access=ACCESS_TO_PB[ex.access],
+            gpr3=ex.gpr3,
         )
         r = await self.call_l1(eff.l1, l0_pb2.L0Call(handle_exit=call))
         h = r.handle_exit

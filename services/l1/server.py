@@ -83,11 +83,11 @@ def _field_of_config_error(msg: str) -> str:
 class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
     """L1Service over one core L1Hypervisor and its session with L0."""
 
-    def __init__(self, name: str, l0_address: str, advertise_l0: str | None = None, use_rpt_invalidate: bool = True) -> None:
+    def __init__(self, name: str, l0_address: str, advertise_l0: str | None = None, use_rpt_invalidate: bool = True, forget_flush: bool = False) -> None:
         self.name = name
         self.l0_address = l0_address
         self.advertise_l0 = advertise_l0 or l0_address
-        self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate)
+        self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate, forget_flush=forget_flush)
         self.tree_ops = TreeOps()
 
     # ------------------------------------------------------------------ lifecycle
@@ -286,14 +286,16 @@ async def serve(
     advertise_l0: str | None = None,
     use_rpt_invalidate: bool = True,
     ready: asyncio.Event | None = None,
+    forget_flush: bool = False,
 ) -> None:
     """Serve L1Service on host:port until SIGTERM/SIGINT, registered with L0 at l0_address.
 
     ``ready`` is set once the server listens *and* the L1 has registered with L0 for the first
     time (it keeps reconnecting with backoff until L0 is up). ``advertise_l0`` is the L0
-    address handed to L2 vCPUs in AttachVcpu (default: l0_address).
+    address handed to L2 vCPUs in AttachVcpu (default: l0_address).  ``forget_flush``: the
+    L1 skips the invalidation after changing a leaf (teaching failure mode §9.17).
     """
-    servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate)
+    servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate, forget_flush)
     serving = asyncio.Event()
     # NOT_SERVING whenever there is no session with L0 (every CreateGuest would fail).
     health_state = Health(serving=False)

@@ -32,7 +32,7 @@ import structlog
 from nestmmu.core import formats as f
 from nestmmu.core.effects import NestedExit
 from nestmmu.core.formats import Access
-from nestmmu.core.l1 import CopyL1Pages, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
+from nestmmu.core.l1 import CopyL1Pages, CopyToFromGuest, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
 from nestmmu.core.radix import WalkResult
 from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import EXIT_TO_PB
@@ -135,8 +135,10 @@ class L0Session:
         memslots: list[MemslotSpec],
         use_rpt_invalidate: bool = True,
         on_core: Callable[[L1Hypervisor], None] | None = None,
+        forget_flush: bool = False,
     ) -> None:
         self.name = name
+        self.forget_flush = forget_flush  # the core L1's §9.17 teaching option
         self.l0_address = l0_address
         self.memslots = memslots
         self.use_rpt_invalidate = use_rpt_invalidate
@@ -218,7 +220,7 @@ class L0Session:
             reg = first.registered
             stream = _Stream(reg.session_token, reg.l1_lpid_host, reg.page_shift, out)
             if self.core is None:
-                self.core = L1Hypervisor(self.name, self.memslots, reg.page_shift or 16, self.use_rpt_invalidate)
+                self.core = L1Hypervisor(self.name, self.memslots, reg.page_shift or 16, self.use_rpt_invalidate, forget_flush=self.forget_flush)
                 if self._on_core is not None:
                     self._on_core(self.core)
             elif reg.page_shift and reg.page_shift != self.core.l0_page_shift:
@@ -304,7 +306,7 @@ class L0Session:
         e = c.handle_exit
         try:
             access = Access(e.access) if e.access in (1, 2, 3) else Access.LOAD
-            ex = NestedExit(trap=e.trap, hdar=e.hdar, hdsisr=e.hdsisr, asdr=e.asdr, access=access)
+            ex = NestedExit(trap=e.trap, hdar=e.hdar, hdsisr=e.hdsisr, asdr=e.asdr, access=access, gpr3=e.gpr3)
             await self._wait_page_not_busy(core, e.l1_lpid, e.asdr)
             async with self.lock:
                 reply, hcalls = core.handle_exit(e.l1_lpid, e.vcpu_id, ex)
@@ -410,6 +412,16 @@ class L0Session:
                 req = l0_pb2.CopyL1MemoryRequest(dst_gpa=h.dst, src_gpa=h.src, length=h.length, zero=h.zero)
                 r4 = await stub.CopyL1Memory(req, timeout=RPC_DEADLINE, metadata=md)
                 rc = r4.hcall_rc
+            elif isinstance(h, CopyToFromGuest):
+                self.stats["hcall.copy_tofrom_guest"] += 1
+                r5 = await stub.CopyToFromGuest(
+                    l0_pb2.CopyToFromGuestRequest(lpid=h.lpid, pid=h.pid, eaddr=h.eaddr, to_gpa=h.to_gpa, from_gpa=h.from_gpa, length=h.n),
+                    timeout=RPC_DEADLINE,
+                    metadata=md,
+                )
+                rc = r5.hcall_rc
+                if h.done is not None:
+                    h.done(int(rc))
             elif isinstance(h, L1Step):
                 async with self.lock:  # L1's own work on its core (install a leaf, free a page)
                     h.run()

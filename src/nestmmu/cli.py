@@ -132,6 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     from nestmmu.services.common import configure_logging
 
     configure_logging(args.log_level, json=args.log_json or None)
+    if args.forget_flush and args.level != "l1":
+        raise CliError("--forget-flush is an option of `serve l1` only", EXIT_USAGE)
     if args.level == "l0":
         from nestmmu.services.l0.server import serve as serve_l0
 
@@ -142,7 +144,15 @@ def _serve(args: argparse.Namespace) -> int:
         from nestmmu.services.l1.server import serve as serve_l1
 
         asyncio.run(
-            serve_l1(args.port or 50052, args.name, args.l0, host=args.host, advertise_l0=args.advertise_l0, use_rpt_invalidate=not args.tlb_invalidate)
+            serve_l1(
+                args.port or 50052,
+                args.name,
+                args.l0,
+                host=args.host,
+                advertise_l0=args.advertise_l0,
+                use_rpt_invalidate=not args.tlb_invalidate,
+                forget_flush=args.forget_flush,
+            )
         )
     else:
         from nestmmu.services.l2.server import serve as serve_l2
@@ -408,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--l0", type=host_port, help="l1: address of L0, HOST:PORT; l2: watch this L0's health (NOT_SERVING while it is not)")
     s.add_argument("--advertise-l0", type=host_port, help="l1: L0 address to hand to vCPUs if different from --l0")
     s.add_argument("--tlb-invalidate", action="store_true", help="l1: flush with H_TLB_INVALIDATE instead of H_RPT_INVALIDATE")
+    s.add_argument(
+        "--forget-flush",
+        action="store_true",
+        help="l1: teaching failure mode (semantics §9.17): skip the invalidation hcall after changing a leaf, so the audit reports the stale shadow leaf",
+    )
     s.add_argument("--page-shift", type=int, default=16, choices=[12, 16], help="l0: base page shift (16 = 64K, POWER9 Linux default)")
     s.add_argument("--ack-timeout", type=float, default=2.0, help="l0: seconds a vCPU has to acknowledge a tlbie before it is disconnected")
     s.add_argument("--metrics-port", type=_int_range(0, 65535), default=0, help="l0: serve Prometheus metrics on this port (/metrics); 0 = off")

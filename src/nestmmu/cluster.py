@@ -193,6 +193,7 @@ def local_cluster(
     l0_args: tuple[str, ...] = (),
     timeout: float = 30.0,
     l2_watch_l0: bool = False,
+    l1_args: tuple[str, ...] = (),
 ) -> Iterator[LocalCluster]:
     """Start the services as processes on free loopback ports; stop them on exit.
 
@@ -200,6 +201,7 @@ def local_cluster(
     (its path printed on stderr) when the block raised or set ``keep_logs``. When a service
     does not become healthy: :class:`ClusterStartError` naming it, the log directory and the
     end of its log. ``l2_watch_l0``: start L2 with ``--l0`` (its health follows L0's).
+    ``l1_args``: extra ``serve l1`` options for every L1 (e.g. ``--forget-flush``).
     """
     import shutil
     import tempfile
@@ -216,7 +218,7 @@ def local_cluster(
             p = free_port()
             c.l1s[name] = f"127.0.0.1:{p}"
             c.names.append(name)
-            c.procs.append(_spawn(["serve", "l1", "--name", name, "--l0", c.l0, "--host", "127.0.0.1", "--port", str(p)], f"{log_dir}/{name}.log"))
+            c.procs.append(_spawn(["serve", "l1", "--name", name, "--l0", c.l0, "--host", "127.0.0.1", "--port", str(p), *l1_args], f"{log_dir}/{name}.log"))
         p2 = free_port()
         c.l2 = f"127.0.0.1:{p2}"
         c.names.append("l2")

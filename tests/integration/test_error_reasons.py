@@ -26,7 +26,8 @@ def lc() -> Iterator[cluster.LocalCluster]:
 
 def test_an_access_that_ends_in_error_carries_its_reason(lc: cluster.LocalCluster) -> None:
     """A 4K-page guest on a 64K L0: the nested fault stops at step 6 (L1 page smaller than
-    L0's), an ERROR outcome; the wire and the workload report both say why."""
+    L0's), L1 sees the raw HDSI and re-enters until L0 calls it a livelock, an ERROR outcome;
+    the wire and the workload report both say why."""
 
     async def go() -> tuple[RawVcpu, list[tuple[int, int, int, int, int]], l2_pb2.WorkloadReport]:
         async with cluster.insecure_channel(lc.l0) as ch0, cluster.insecure_channel(lc.l1s["l1a"]) as ch1, cluster.insecure_channel(lc.l2) as ch2:
@@ -48,7 +49,8 @@ def test_an_access_that_ends_in_error_carries_its_reason(lc: cluster.LocalCluste
     assert set(v.error_reasons) == {0, 1}
     assert all("L1 page shift 12 < L0 page shift 16" in why for why in v.error_reasons.values()), v.error_reasons
     assert rep.errors > 0
-    assert any("ended in ERROR: -EINVAL: L1 page shift 12 < L0 page shift 16" in d for d in rep.error_details), list(rep.error_details)
+    assert all(why.startswith("livelock: -EINVAL:") for why in v.error_reasons.values()), v.error_reasons
+    assert any("ended in ERROR: livelock: -EINVAL: L1 page shift 12 < L0 page shift 16" in d for d in rep.error_details), list(rep.error_details)
 
 
 def test_a_paused_vcpu_cut_for_a_missing_ack_learns_why(lc: cluster.LocalCluster) -> None:

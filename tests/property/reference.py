@@ -15,13 +15,16 @@ outcomes, ordered as the fault checks them:
 
 1. L2 address beyond the guest's memory            -> L1_EMULATED (L1 emulates MMIO in L2 space)
 2. access not allowed by L1's permissions          -> STORAGE_INTERRUPT (injected by L1)
-3. L1 page smaller than L0's base page             -> ERROR (-EINVAL in the kernel)
-4. L1 page in an MMIO hole of L1 (region "mmio")   -> MMIO_EMULATED (by L0, H_TOO_HARD to L1)
-5. store to a page in L1's read-only memslot       -> STORAGE_INTERRUPT (injected by L0)
+3. store to a page in L1's read-only memslot       -> STORAGE_INTERRUPT (by L1 when it has no
+   leaf, or when it sees the raw HDSI of rule 4; else by L0)
+4. L1 page smaller than L0's base page             -> ERROR (-EINVAL in the kernel: livelock)
+5. L1 page in an MMIO hole of L1 (region "mmio")   -> MMIO_EMULATED (by L0, H_TOO_HARD to L1)
 6. otherwise                                        -> FILL
 
 L1's leaf for a page that is not mapped is created on the first access that reaches it (any
-class but 1), with R, and with C when that access is a store L1 permits.  A store that fills
+class but 1, and not a store to a read-only page: Linux-as-L1 queues the DSI before
+instantiating), with R, and with C when that access is a store L1 permits.  A store that
+livelocks (rule 4) also sets C in L1's leaf: L1 handles the raw HDSI as its own fault.  A store that fills
 leaves C set in L1's leaf.  Protecting a page without RW, or remapping it, clears C.
 """
 
@@ -155,13 +158,13 @@ class Reference:
         perms = mapping.perms if mapping is not None else g.page_perms(page)
         if not allows(perms, kind):
             return Outcome.STORAGE_INTERRUPT
-        if g.page_shift < self.l0_page_shift:
-            return Outcome.ERROR
         r = g.region_at(addr)
-        if r is not None and r.kind == "mmio":
-            return Outcome.MMIO_EMULATED
         if r is not None and r.kind == "rom" and kind == STORE:
             return Outcome.STORAGE_INTERRUPT
+        if g.page_shift < self.l0_page_shift:
+            return Outcome.ERROR
+        if r is not None and r.kind == "mmio":
+            return Outcome.MMIO_EMULATED
         return Outcome.FILL
 
     def l1_address(self, l1: str, lpid: int, addr: int) -> int | None:
@@ -197,9 +200,16 @@ class Reference:
             return
         page = addr >> g.page_shift
         m = g.pages.get(page)
+        r = g.region_at(addr)
+        if m is None and kind == STORE and r is not None and r.kind == "rom":
+            return  # kvmppc_book3s_radix_page_fault: read-only memslot + store = DSI, no leaf
         if m is None:
             perms = g.page_perms(page)
             m = g.pages[page] = RefPage(learn(page), perms, kind == STORE and bool(perms & RW))
+        if outcome is Outcome.ERROR and kind == STORE:
+            # The livelock of an L1 page smaller than L0's: each round L1 handles the raw HDSI
+            # (a store) as its own fault, and instantiating ORs C into its leaf.
+            m.c = True
         if outcome is Outcome.FILL and kind == STORE:
             m.c = True
             a = m.l1_gpa + (addr & (g.page_size - 1))

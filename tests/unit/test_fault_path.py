@@ -140,7 +140,10 @@ def test_pde_into_l1_mmio_hole_reflects_prtable_fault_with_asdr_of_the_failing_e
     e.l1.mem.write_u64(root, f.make_pde(hole, 9))
     addr = (3 << 30) + 0x10000 + 0x44  # PUD index 3
     r = e.access(addr, Access.STORE)
-    assert r.outcome is Outcome.ERROR
+    # L1 (kvmppc_book3s_radix_page_fault) takes ASDR as an address of its L2: no memslot there
+    # and PRTABLE_FAULT set, so it queues a DSI for the L2 with that DSISR.
+    assert r.outcome is Outcome.STORAGE_INTERRUPT
+    assert r.dsisr == f.DSISR_PRTABLE_FAULT | f.DSISR_ISSTORE
     assert len(e.exits) == 1
     ex = e.exits[0]
     assert ex.hdsisr == f.DSISR_PRTABLE_FAULT | f.DSISR_ISSTORE
@@ -212,13 +215,22 @@ def test_missing_pate_reflects_the_exit_unchanged_and_a_later_fault_rereads_it()
 
 
 # ---------------------------------------------------------------- page sizes and memory kinds
-def test_l1_4k_pages_on_64k_l0_are_unsupported_einval() -> None:
-    e = make_env(page_shift=12)
-    r = e.access(0x3000, Access.LOAD)
+def test_l1_4k_pages_on_64k_l0_livelock_l1_sees_the_raw_hdsi_each_round() -> None:
+    """__kvmhv_nested_page_fault returns -EINVAL (L1 page smaller than L0's); that ends
+    kvmhv_run_single_vcpu's loop in kvmhv_enter_nested_guest, which returns the raw trap to L1.
+    L1 finds its leaf in place, enters again, and the same HDSI comes back: a livelock the
+    model stops after L0Config.livelock_rounds rounds."""
+    e = make_env(L0Config(livelock_rounds=3), page_shift=12)
+    r = e.access(0x3008, Access.LOAD)
     assert r.outcome is Outcome.ERROR
-    assert "-EINVAL" in r.detail
-    assert e.l0.stats["l1_page_smaller_than_l0"] == 1
-    assert [x.hdsisr for x in e.exits] == [f.DSISR_NOHPTE]
+    assert r.detail.startswith("livelock: -EINVAL: L1 page shift 12 < L0 page shift 16")
+    assert "re-entered 3 times" in r.detail
+    assert e.l0.stats["l1_page_smaller_than_l0"] == 3
+    assert (e.l0.stats["einval_rounds"], e.l0.stats["livelock.einval"], e.l0.stats["livelock"]) == (3, 1, 1)
+    # First the reflected NOHPTE (L1 instantiates), then 3 rounds of the raw HDSI.
+    raw = NestedExit(HDSI, 0x3008, f.DSISR_NOHPTE, 0x3008, Access.LOAD)
+    assert e.exits == [raw] * 4
+    assert e.l1.stats["create_pte.identical"] == 3  # L1 finds nothing to fix each round
     assert e.shadow_leaves() == []
 
 

@@ -83,6 +83,9 @@ class NestedExit:
     hdsisr: int
     asdr: int
     access: Access
+    #: GPR3 of L2 at the exit: the hcall number for a BOOK3S_INTERRUPT_SYSCALL exit (L1 reads
+    #: it from the L2 registers H_ENTER_NESTED wrote back); 0 for other traps.
+    gpr3: int = 0
 
 
 class ExitAction(Enum):

@@ -82,6 +82,11 @@ class L0Config:
     host_memory: int = 1 << 40
     nr_lpids: int = f.KVMPPC_NR_LPIDS
     max_reentries: int = 16
+    # §3 step 6: an L1 page smaller than L0's makes the nested fault return -EINVAL, which ends
+    # L0's run loop: H_ENTER_NESTED returns the raw HDSI to L1, L1 finds nothing to fix and
+    # enters again, and the same HDSI comes back -- a livelock.  The model stops after this
+    # many such rounds and reports the livelock.
+    livelock_rounds: int = 4
     host_write_upgrade: bool = True  # __kvm_faultin_pfn grants writable on read faults
     bugs: KernelBugs = field(default_factory=KernelBugs)
 
@@ -90,6 +95,8 @@ class L0Config:
             raise ConfigError(f"L0 page_shift must be 12 or 16, not {self.page_shift}")
         if not 2 <= self.nr_lpids <= f.KVMPPC_NR_LPIDS:
             raise ConfigError(f"nr_lpids must be in 2..{f.KVMPPC_NR_LPIDS}")
+        if not 1 <= self.livelock_rounds <= self.max_reentries:
+            raise ConfigError(f"livelock_rounds must be in 1..max_reentries ({self.max_reentries}), not {self.livelock_rounds}")
 
 
 @dataclass
@@ -748,6 +755,7 @@ class L0Hypervisor:
         receives a storage interrupt.
         """
         stats = self.stats
+        einval_rounds = 0
         for attempt in range(self.config.max_reentries):
             slot, dsisr, _ = self.hw_translate(gp, addr, access)
             if not dsisr:
@@ -766,6 +774,7 @@ class L0Hypervisor:
             if kind is FaultKind.RESUME_HOST:
                 assert res.exit is not None
                 reply: ExitReply = yield ReflectExit(gp.l1_host, gp.l1_lpid, vcpu_id, res.exit)
+                self._l1_reentered(reply)
                 if reply.action is ExitAction.REENTER:
                     continue
                 if reply.action is ExitAction.INJECT_STORAGE_INTERRUPT:
@@ -782,11 +791,53 @@ class L0Hypervisor:
             if kind is FaultKind.MMIO:
                 stats["mmio_emulated"] += 1
                 return AccessResult(Outcome.MMIO_EMULATED, detail=res.detail)
+            if res.exit is not None:
+                # An error out of the run loop: H_ENTER_NESTED returns the raw trap to L1.
+                einval_rounds += 1
+                stats["einval_rounds"] += 1
+                reply = yield ReflectExit(gp.l1_host, gp.l1_lpid, vcpu_id, res.exit)
+                self._l1_reentered(reply)
+                if reply.action is ExitAction.REENTER and einval_rounds < self.config.livelock_rounds:
+                    continue
+                if reply.action is ExitAction.REENTER:
+                    stats["errors"] += 1
+                    stats["livelock"] += 1
+                    stats["livelock.einval"] += 1
+                    detail = f"livelock: {res.detail}; L1 saw the same HDSI and re-entered {einval_rounds} times"
+                    return AccessResult(Outcome.ERROR, dsisr=res.exit.hdsisr, detail=detail)
+                if reply.action is ExitAction.INJECT_STORAGE_INTERRUPT:
+                    stats["storage_interrupts"] += 1
+                    return AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=reply.dsisr, detail="injected by L1")
+                if reply.action is ExitAction.L1_EMULATED:
+                    stats["l1_emulated"] += 1
+                    return AccessResult(Outcome.L1_EMULATED, detail=reply.detail)
             stats["errors"] += 1
             return AccessResult(Outcome.ERROR, dsisr=dsisr, detail=res.detail)
         stats["errors"] += 1
         stats["livelock"] += 1
         return AccessResult(Outcome.ERROR, detail=f"no progress after {self.config.max_reentries} re-entries")
+
+    def _l1_reentered(self, reply: ExitReply) -> None:
+        """L1 handled an exit H_ENTER_NESTED returned and (unless it failed) enters again:
+        every (re-)entry is one H_ENTER_NESTED hcall."""
+        if reply.action is not ExitAction.FAILED:
+            self.stats["hcall.H_ENTER_NESTED"] += 1
+            self.stats["h_enter_nested.reentries"] += 1
+
+    def kvmppc_handle_nested_exit(self, gp: KvmNestedGuest, vcpu_id: int, ex: NestedExit) -> Op[ExitReply]:
+        """An L2 exit that is not a page fault and that L0 does not handle itself: an hcall of
+        the L2 (L0 keeps only H_RPT_INVALIDATE, not modelled here) or the expiry of the HDEC L1
+        programmed (NESTED_HV_DECREMENTER, handed back as HV_DECREMENTER).  RESUME_HOST:
+        H_ENTER_NESTED returns the trap to L1, which handles it and enters again."""
+        if ex.trap == f.BOOK3S_INTERRUPT_SYSCALL:
+            self.stats["nested_exit.hcall"] += 1
+        elif ex.trap == f.BOOK3S_INTERRUPT_HV_DECREMENTER:
+            self.stats["nested_exit.hdec"] += 1
+        else:
+            self.stats["nested_exit.other"] += 1
+        reply: ExitReply = yield ReflectExit(gp.l1_host, gp.l1_lpid, vcpu_id, ex)
+        self._l1_reentered(reply)
+        return reply
 
     # ================================================================ nested page fault
     def kvmhv_translate_addr_nested(self, gpte: WalkResult, dsisr: int, trap: int) -> int:
@@ -867,7 +918,9 @@ class L0Hypervisor:
         l1_shift = gpte.page_shift
         if l1_shift < page_shift:
             stats["l1_page_smaller_than_l0"] += 1
-            return FaultResult(FaultKind.ERROR, detail=f"-EINVAL: L1 page shift {l1_shift} < L0 page shift {page_shift}")
+            # -EINVAL ends kvmhv_run_single_vcpu's loop: L1 gets the trap with the hardware's
+            # registers, unchanged (``exit``), and handles it as a fault of its own.
+            return FaultResult(FaultKind.ERROR, exit=ex, detail=f"-EINVAL: L1 page shift {l1_shift} < L0 page shift {page_shift}")
 
         # 7. The L1 real address and its memslot.
         gpa = gpte.raddr

@@ -65,6 +65,23 @@ class CopyL1Pages:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyToFromGuest:
+    """H_COPY_TOFROM_GUEST: L0 copies ``n`` bytes between L2's (pid, eaddr) and L1 memory.
+
+    Linux-as-L1 issues it from ``__kvmhv_copy_tofrom_guest_radix`` (it cannot use quadrants 1
+    and 2 itself when it is a pseries guest).  ``done``, when given, receives the hcall's
+    return code once L0 answered: L1's continuation (e.g. ``kvmppc_ld``'s fallback)."""
+
+    lpid: int
+    pid: int
+    eaddr: int
+    to_gpa: int
+    from_gpa: int
+    n: int
+    done: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class L1Step:
     """Not an hcall: work L1 does itself once every hcall before it in the list completed
     (e.g. install the new leaf after the page was copied).  Drivers call ``run()``."""
@@ -72,7 +89,7 @@ class L1Step:
     run: Callable[[], None]
 
 
-Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate | CopyL1Pages | L1Step
+Hcall = SetPartitionTable | TlbInvalidate | RptInvalidate | CopyL1Pages | CopyToFromGuest | L1Step
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,9 @@ class L2Guest:
     data: bool = False
     swap: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 swap slot address
     busy: set[int] = field(default_factory=set)  # pages whose copy is in flight (no leaf yet)
+    # The model has no L2 program counter: the instruction of a load/store L1 must emulate is
+    # taken to be at this L2 address (the L2 kernel's text at real address 0).
+    text: int = 0
 
     @property
     def page_size(self) -> int:
@@ -146,11 +166,23 @@ class L1Hypervisor:
         l0_page_shift: int = 16,
         use_rpt_invalidate: bool = True,
         pats: int = 4,
+        forget_flush: bool = False,
+        hdec_every: int = 0,
     ) -> None:
         self.name = name
         self.memslots = memslots or default_memslots()
         self.l0_page_shift = l0_page_shift
         self.use_rpt_invalidate = use_rpt_invalidate
+        # Teaching failure mode (semantics §9.17): change a valid leaf (protect, remap) and
+        # "forget" the invalidation hcall Linux-as-L1 must issue after it.  L0 then keeps a
+        # shadow leaf built from the old entry; a later fault on it reaches kvmppc_create_pte
+        # with a different RPN (WARN + OR), and the audit reports the mismatch.
+        self.forget_flush = forget_flush
+        if hdec_every < 0:
+            raise ConfigError(f"hdec_every must be >= 0 (0 = off), not {hdec_every}")
+        # The HDEC L1 programs in hv_guest_state.hdec_expiry, on the model's logical clock:
+        # it expires every ``hdec_every`` accesses of an L2 vCPU (0 = never).
+        self.hdec_every = hdec_every
         ram = [s for s in self.memslots if not s.read_only]
         rom = [s for s in self.memslots if s.read_only]
         if not ram:
@@ -159,6 +191,8 @@ class L1Hypervisor:
         self.mmio_base = end  # the hole above the last memslot is MMIO (passed through)
         self.mem = SimMemory(end + (64 << 20), valid=self._valid)
         main = max(ram, key=lambda s: s.size)
+        # vcpu->arch.last_inst of each L2 vCPU lives in "L1's kernel" (the low 16 MiB below).
+        self.last_inst_base = main.base + (1 << 20)
         # Keep the low 16 MiB for "L1's kernel"; tables and L2 backing come from the rest.
         self.alloc = Allocator(main.base + min(16 << 20, main.size // 2), main.base + main.size)
         self.rom_alloc = Allocator(rom[0].base, rom[0].base + rom[0].size) if rom else None
@@ -280,8 +314,16 @@ class L1Hypervisor:
         return g is not None and bool(g.busy) and (n_gpa >> g.page_shift) in g.busy
 
     def hv_guest_state(self, lpid: int, vcpu_token: int) -> HvGuestState:
+        """The state L1 passes to H_ENTER_NESTED to enter (a vCPU of) its L2.
+
+        Every entry counts here; re-entries after an exit L1 handled count in handle_exit."""
         self.guest(lpid)
+        self._count("hcall.H_ENTER_NESTED")
         return HvGuestState(version=2, lpid=lpid, vcpu_token=vcpu_token)
+
+    def last_inst_addr(self, vcpu_id: int) -> int:
+        """L1 real address of ``vcpu->arch.last_inst`` of an L2 vCPU (the copy's buffer)."""
+        return self.last_inst_base + 8 * (vcpu_id % 4096)
 
     # ---------------------------------------------------------------- invalidation hcalls
     def _flush_page_hcall(self, lpid: int, n_gpa: int, shift: int) -> Hcall:
@@ -491,7 +533,15 @@ class L1Hypervisor:
         if new == old:
             return False, []
         self.mem.write_u64(leaf[0], new)
-        return True, [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
+        return True, self._leaf_changed_flush(guest, addr)
+
+    def _leaf_changed_flush(self, guest: L2Guest, addr: int) -> list[Hcall]:
+        """The invalidation Linux-as-L1 issues after changing a valid leaf, unless this L1 was
+        told to forget it (the §9.17 teaching failure mode)."""
+        if self.forget_flush:
+            self._count("flush_forgotten")
+            return []
+        return [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
 
     def _remap_page(self, guest: L2Guest, page: int) -> tuple[bool, list[Hcall]]:
         addr = page << guest.page_shift
@@ -508,7 +558,7 @@ class L1Hypervisor:
             return True, self._migrate_page(guest, page, leaf[0], old_gpa, new_gpa, new_pte)
         self._free_backing(guest, page, old_gpa)
         self.mem.write_u64(leaf[0], new_pte)
-        return True, [self._flush_page_hcall(guest.lpid, addr, guest.page_shift)]
+        return True, self._leaf_changed_flush(guest, addr)
 
     # ---------------------------------------------------------------- data guests: moving pages
     def _migrate_page(self, guest: L2Guest, page: int, leaf_addr: int, old_gpa: int, new_gpa: int, new_pte: int) -> list[Hcall]:
@@ -588,22 +638,79 @@ class L1Hypervisor:
 
     # ---------------------------------------------------------------- reflected exits
     def handle_exit(self, l1_lpid: int, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
-        """What L1 does when H_ENTER_NESTED returns with an HDSI/HISI of its L2."""
+        """What L1 does when H_ENTER_NESTED returns with an exit of its L2 (kvmppc_handle_exit_hv
+        of Linux-as-L1, for the traps L0 hands back): then it enters the L2 again."""
         self.exits_handled += 1
         guest = self.guests.get(l1_lpid)
         if guest is None:
             self._count("exit.no_guest")
             return ExitReply(ExitAction.FAILED, detail=f"L1 has no guest with lpid {l1_lpid}"), []
+        hcalls: list[Hcall] = []
+        if ex.trap == f.BOOK3S_INTERRUPT_HV_DECREMENTER:
+            reply = self.kvmppc_hdec_exit(ex)
+        elif ex.trap == f.BOOK3S_INTERRUPT_SYSCALL:
+            reply = self.kvmppc_pseries_do_hcall(ex)
+        elif ex.trap in (f.BOOK3S_INTERRUPT_H_DATA_STORAGE, f.BOOK3S_INTERRUPT_H_INST_STORAGE):
+            reply, hcalls = self.kvmppc_book3s_radix_page_fault(guest, vcpu_id, ex)
+        else:
+            self._count("exit.unknown_trap")
+            reply = ExitReply(ExitAction.FAILED, detail=f"L1 does not handle trap {ex.trap:#x}")
+        if reply.action is not ExitAction.FAILED:
+            # Handled (fixed, injected, emulated): L1 enters its L2 again, one H_ENTER_NESTED
+            # per entry.  A failure goes to L1's userspace and the vCPU stops.
+            self._count("hcall.H_ENTER_NESTED")
+        return reply, hcalls
+
+    def kvmppc_hdec_exit(self, ex: NestedExit) -> ExitReply:
+        """BOOK3S_INTERRUPT_HV_DECREMENTER: the HDEC L1 set in hdec_expiry ran out (L0 turned
+        its NESTED_HV_DECREMENTER into this trap).  Nothing to fix: count, re-enter."""
+        self._count("exit.hdec")
+        return ExitReply(ExitAction.REENTER, detail="HDEC expired")
+
+    def kvmppc_pseries_do_hcall(self, ex: NestedExit) -> ExitReply:
+        """BOOK3S_INTERRUPT_SYSCALL: an hcall of the L2, reflected by L0 (it handles only
+        H_RPT_INVALIDATE itself).  H_PUT_TERM_CHAR is not an in-kernel hcall of Linux-as-L1:
+        it returns to L1's userspace (QEMU writes the character), which runs the vCPU again."""
+        req = ex.gpr3
+        name = "H_PUT_TERM_CHAR" if req == f.H_PUT_TERM_CHAR else f"{req:#x}"
+        self._count(f"exit.hcall.{name}")
+        self._count("exit.hcall")
+        return ExitReply(ExitAction.REENTER, detail=f"L2 hcall {name} handled by L1's userspace")
+
+    def kvmppc_book3s_radix_page_fault(self, guest: L2Guest, vcpu_id: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
+        """An HDSI/HISI of the L2 that L0 reflected, handled as Linux-as-L1's
+        ``kvmppc_book3s_radix_page_fault`` does for its own guest, in the kernel's order."""
         dsisr = ex.hdsisr
+        ea = ex.hdar
         writing = bool(dsisr & f.DSISR_ISSTORE)
-        n_gpa = ex.asdr
-        if dsisr & (f.DSISR_UNSUPP_MMU | f.DSISR_PRTABLE_FAULT):
+        # Unusual errors first: an unusable tree is -EFAULT out of L1's run loop; a bad access
+        # is reflected to the L2 as a DSI.
+        if dsisr & f.DSISR_UNSUPP_MMU:
             self._count("exit.bad_tree")
             return ExitReply(ExitAction.FAILED, dsisr, "L1's tree for this guest is unusable"), []
+        if dsisr & f.DSISR_BADACCESS:
+            self._count("exit.badaccess")
+            return ExitReply(ExitAction.INJECT_STORAGE_INTERRUPT, dsisr, "bad access: DSI queued for L2"), []
+        # The L2 real address: ASDR's page; the byte offset from HDAR unless the fault was on
+        # a table entry (PRTABLE_FAULT: ASDR is that entry's address, the EA is elsewhere).
+        n_gpa = ex.asdr & ~0xFFF & ~(0xF << 60) & f.U64
+        if dsisr & f.DSISR_PRTABLE_FAULT:
+            self._count("exit.prtable_fault")
+        else:
+            n_gpa |= ea & 0xFFF
         if n_gpa >= guest.memory:
-            self._count("exit.l1_mmio")
-            return ExitReply(ExitAction.L1_EMULATED, detail=f"L1 emulated MMIO at L2 address {n_gpa:#x}"), []
+            # No memslot of the L2 there.  A fault on a table entry (or a bad access, or R/C
+            # on nothing) is a bad address in the guest's tree: DSI.  Else emulated MMIO.
+            if dsisr & (f.DSISR_PRTABLE_FAULT | f.DSISR_BADACCESS | f.DSISR_SET_RC):
+                self._count("exit.no_memslot_dsi")
+                return ExitReply(ExitAction.INJECT_STORAGE_INTERRUPT, dsisr, f"no memslot at L2 address {n_gpa:#x}: DSI queued for L2"), []
+            return self.kvmppc_hv_emulate_mmio(guest, vcpu_id, n_gpa, ex)
         page = n_gpa >> guest.page_shift
+        r = guest.region_at(n_gpa)
+        if writing and r is not None and r.kind == "rom":
+            # KVM_MEM_READONLY and a store: give the guest a DSI, instantiate nothing.
+            self._count("exit.rom_store")
+            return ExitReply(ExitAction.INJECT_STORAGE_INTERRUPT, f.DSISR_ISSTORE | f.DSISR_PROTFAULT, "store to a read-only memslot of the L2"), []
         leaf = self._read_leaf(guest, page << guest.page_shift)
         perms = self._page_perms(guest, page)
         if leaf is None and page in guest.busy:
@@ -613,7 +720,7 @@ class L1Hypervisor:
         if leaf is None and page in guest.swap:
             self._count("exit.swap_in")
             return ExitReply(ExitAction.REENTER), self._swap_in(guest, page, writing and bool(perms & f.PTE_EAA_RW))
-        if dsisr & f.DSISR_NOHPTE or leaf is None:
+        if dsisr & (f.DSISR_NOHPTE | f.DSISR_PRTABLE_FAULT) or leaf is None:
             self._count("exit.nohpte")
             return ExitReply(ExitAction.REENTER), self._fault_in(guest, n_gpa, writing and bool(perms & f.PTE_EAA_RW))
         pte = leaf[1]
@@ -632,6 +739,32 @@ class L1Hypervisor:
             return ExitReply(ExitAction.REENTER), []
         self._count("exit.other")
         return ExitReply(ExitAction.REENTER), []
+
+    def kvmppc_hv_emulate_mmio(self, guest: L2Guest, vcpu_id: int, n_gpa: int, ex: NestedExit) -> tuple[ExitReply, list[Hcall]]:
+        """MMIO in the L2's space, emulated by L1: first the instruction (kvmppc_get_last_inst
+        -> kvmppc_ld -> kvmhv_load_from_eaddr), which Linux-as-L1 fetches with
+        H_COPY_TOFROM_GUEST into ``vcpu->arch.last_inst``; when the hcall fails, kvmppc_ld
+        falls back to its software walk (kvmppc_xlate) and kvm_read_guest."""
+        self._count("exit.l1_mmio")
+        # The instruction's address: the faulting PC for an HISI; for a load/store the model
+        # has no PC and uses the guest's text address.  L1 strips the quadrant bits and asks
+        # for PID 0 (quadrant 3, the L2 kernel).
+        pc = ex.hdar if ex.access is Access.IFETCH else guest.text
+        pc &= ~(0xFFF << 52) & f.U64
+
+        def fetched(rc: int) -> None:
+            if rc == f.H.SUCCESS:
+                self._count("mmio.insn_copied")
+                return
+            # kvmhv_load_from_eaddr failed (not -EAGAIN: this vCPU is not itself nested):
+            # kvmppc_ld translates in software (real mode here: raddr = EA) and reads the L2's
+            # memslot; without one the instruction cannot be fetched.
+            self._count("mmio.insn_fallback")
+            if pc >= guest.memory:
+                self._count("mmio.insn_fetch_failed")
+
+        copy = CopyToFromGuest(guest.lpid, 0, pc, self.last_inst_addr(vcpu_id), 0, 4, fetched)
+        return ExitReply(ExitAction.L1_EMULATED, detail=f"L1 emulated MMIO at L2 address {n_gpa:#x}"), [copy]
 
 
 def _collect(chunks: Iterator[tuple[int, list[Hcall]]]) -> tuple[int, list[Hcall]]:
@@ -669,6 +802,7 @@ __all__ = [
     "PERM_RWX",
     "PUD_SHIFT",
     "CopyL1Pages",
+    "CopyToFromGuest",
     "GuestRegion",
     "Hcall",
     "L1Hypervisor",

@@ -21,7 +21,9 @@ from .effects import (
     AccessResult,
     AcquireTlbLock,
     Effect,
+    ExitReply,
     Invalidation,
+    NestedExit,
     Op,
     Outcome,
     Preempt,
@@ -34,9 +36,22 @@ from .effects import (
     WriteL1Memory,
     run_sync,
 )
+from .exitclock import ExitClock
 from .formats import Access
 from .l0 import ConfigError, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
-from .l1 import CopyL1Pages, GuestRegion, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate, default_memslots
+from .l1 import (
+    CopyL1Pages,
+    CopyToFromGuest,
+    GuestRegion,
+    Hcall,
+    L1Hypervisor,
+    L1Step,
+    MemslotSpec,
+    RptInvalidate,
+    SetPartitionTable,
+    TlbInvalidate,
+    default_memslots,
+)
 from .radix import WalkResult
 from .vcpu import Vcpu
 from .workload import WorkloadSpec, generate
@@ -50,6 +65,7 @@ class VcpuSession:
     vcpu: Vcpu
     gp: KvmNestedGuest
     data: DataVcpu | None = field(default=None)
+    clock: ExitClock = field(default_factory=ExitClock)  # HDEC and L2-hcall exits (logical)
 
 
 class InProcessCluster:
@@ -114,9 +130,20 @@ class InProcessCluster:
                     self.stats["broadcast_acks"] += 1
 
     # ---------------------------------------------------------------- L1s and hcalls
-    def add_l1(self, name: str, memslots: list[MemslotSpec] | None = None, use_rpt_invalidate: bool = True, pats: int = 4) -> L1Hypervisor:
+    def add_l1(
+        self,
+        name: str,
+        memslots: list[MemslotSpec] | None = None,
+        use_rpt_invalidate: bool = True,
+        pats: int = 4,
+        forget_flush: bool = False,
+        hdec_every: int = 0,
+    ) -> L1Hypervisor:
+        """Boot an L1.  ``forget_flush``: the §9.17 teaching failure mode (L1 skips the
+        invalidation after changing a leaf); ``hdec_every``: L1's HDEC expires every that many
+        accesses of each of its L2 vCPUs (0 = never)."""
         specs = memslots or default_memslots()
-        l1 = L1Hypervisor(name, specs, self.l0.page_shift, use_rpt_invalidate, pats)
+        l1 = L1Hypervisor(name, specs, self.l0.page_shift, use_rpt_invalidate, pats, forget_flush=forget_flush, hdec_every=hdec_every)
         vm = self.l0.create_l1(name, [Memslot(s.index, s.base, s.size, s.read_only, s.backing_shift) for s in specs])
         self.l1s[name] = l1
         self.vms[name] = vm
@@ -138,6 +165,10 @@ class InProcessCluster:
             rc = self.drive(l0.h_rpt_invalidate(vm, h.id, h.target, h.type, h.pg_sizes, h.start, h.end))
         elif isinstance(h, CopyL1Pages):
             rc = l0.l1_zero_memory(vm, h.dst, h.length) if h.zero else l0.l1_copy_memory(vm, h.dst, h.src, h.length)
+        elif isinstance(h, CopyToFromGuest):
+            rc = self.drive(l0.h_copy_tofrom_guest(vm, h.lpid, h.pid, h.eaddr, h.to_gpa, h.from_gpa, h.n))
+            if h.done is not None:
+                h.done(rc)
         elif isinstance(h, L1Step):
             h.run()
             rc = f.H.SUCCESS
@@ -161,8 +192,11 @@ class InProcessCluster:
         return self.issue_all(l1_name, self.l1s[l1_name].destroy_guest(lpid))
 
     # ---------------------------------------------------------------- vCPUs
-    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int) -> VcpuSession:
-        """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB."""
+    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int, hcall_every: int = 0) -> VcpuSession:
+        """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB.
+
+        ``hcall_every``: the L2 program on this vCPU issues H_PUT_TERM_CHAR every that many
+        accesses (0 = never); with L1's ``hdec_every`` it drives the vCPU's logical clock."""
         l1 = self.l1s[l1_name]
         state = l1.hv_guest_state(lpid, vcpu_id)
         rc, gp = self.drive(self.l0.h_enter_nested(self.vms[l1_name], state))
@@ -172,7 +206,7 @@ class InProcessCluster:
         if name in self.sessions:
             self.l0.kvmhv_put_nested(gp)
             raise ConfigError(f"vCPU {name} is already attached")
-        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid), gp)
+        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid), gp, clock=ExitClock(l1.hdec_every, hcall_every))
         self.sessions[name] = s
         return s
 
@@ -195,8 +229,32 @@ class InProcessCluster:
         s.vcpu.apply(res)
         return res
 
+    def nested_exit(self, s: VcpuSession, ex: NestedExit) -> ExitReply:
+        """A non-fault exit of the vCPU (its hcall, the HDEC): L0 hands it to L1, L1 re-enters."""
+        self.stats[f"nested_exit.{'hdec' if ex.trap == f.BOOK3S_INTERRUPT_HV_DECREMENTER else 'hcall'}"] += 1
+        reply: ExitReply = self.drive(self.l0.kvmppc_handle_nested_exit(s.gp, s.vcpu.vcpu_id, ex))
+        return reply
+
+    def _clocked(self, s: VcpuSession, addrs: list[int], kinds: list[int], run: Callable[[list[int], list[int]], None]) -> None:
+        """Run a batch in pieces cut at the vCPU's logical-clock events, taking each event's
+        exit (HDEC, L2 hcall) between the accesses where it falls (deterministic)."""
+        clock = s.clock
+        if not clock.active:
+            run(addrs, kinds)
+            return
+        i = 0
+        while i < len(addrs):
+            n = min(clock.until_next(), len(addrs) - i)
+            run(addrs[i : i + n], kinds[i : i + n])
+            i += n
+            for ex in clock.advance(n):
+                self.nested_exit(s, ex)
+
     def run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
         """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds."""
+        self._clocked(s, addrs, kinds, lambda a, k: self._run_batch(s, a, k))
+
+    def _run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
         vcpu = s.vcpu
         send = vcpu.run_hits(addrs, kinds)
         while send:
@@ -223,6 +281,9 @@ class InProcessCluster:
     def run_data_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int], vcpu_index: int = 0) -> None:
         """Data mode: messages of TLB hits ended by one miss; every access is a memory
         operation in L0 at the host address the vCPU translated (see :mod:`.data`)."""
+        self._clocked(s, addrs, kinds, lambda a, k: self._run_data_batch(s, a, k, vcpu_index))
+
+    def _run_data_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int], vcpu_index: int) -> None:
         dv = self.data_vcpu(s, vcpu_index)
         vcpu = s.vcpu
         l0 = self.l0
