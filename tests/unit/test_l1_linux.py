@@ -155,3 +155,16 @@ def test_forget_flush_reaches_create_pte_rpn_mismatch_warn_and_the_audit_reports
     assert n == 1
     assert c.l0.stats["warn.pte_bits_must_match"] == 0
     assert c.audit().ok
+
+
+def test_mmio_l0_emulates_returns_trap_0_to_l1_which_enters_again() -> None:
+    """kvmhv_enter_nested_guest / kvmhv_nested_mmio_needed: L0 emulates MMIO at an L1 address
+    without memslot; H_ENTER_NESTED returns to L1 with trap 0 (H_TOO_HARD in L0), L1 has
+    nothing to handle and enters again: one more H_ENTER_NESTED on both sides."""
+    e = make_env(regions=[GuestRegion("mmio", 34 * MiB, 2 * MiB)])
+    before = (e.l1.stats["hcall.H_ENTER_NESTED"], e.l0.stats["hcall.H_ENTER_NESTED"])
+    assert e.access(34 * MiB + 0x100, Access.LOAD).outcome is Outcome.MMIO_EMULATED
+    # NOHPTE reflected (L1 maps the MMIO page), then L0 emulates and L1 sees trap 0.
+    assert [x.trap for x in e.exits] == [HDSI, 0]
+    assert e.l1.stats["exit.trap0_l0_mmio"] == 1
+    assert (e.l1.stats["hcall.H_ENTER_NESTED"], e.l0.stats["hcall.H_ENTER_NESTED"]) == (before[0] + 2, before[1] + 2)

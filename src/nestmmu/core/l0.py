@@ -790,6 +790,10 @@ class L0Hypervisor:
                 return AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=res.dsisr, detail=res.detail)
             if kind is FaultKind.MMIO:
                 stats["mmio_emulated"] += 1
+                # kvmhv_nested_mmio_needed: trap 0 ("no need to reflect"); once L0's userspace
+                # completed the MMIO, L1's H_ENTER_NESTED returns with it and L1 enters again.
+                done = yield ReflectExit(gp.l1_host, gp.l1_lpid, vcpu_id, NestedExit(0, addr, 0, addr, access))
+                self._l1_reentered(done)
                 return AccessResult(Outcome.MMIO_EMULATED, detail=res.detail)
             if res.exit is not None:
                 # An error out of the run loop: H_ENTER_NESTED returns the raw trap to L1.

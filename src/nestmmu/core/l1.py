@@ -646,7 +646,12 @@ class L1Hypervisor:
             self._count("exit.no_guest")
             return ExitReply(ExitAction.FAILED, detail=f"L1 has no guest with lpid {l1_lpid}"), []
         hcalls: list[Hcall] = []
-        if ex.trap == f.BOOK3S_INTERRUPT_HV_DECREMENTER:
+        if ex.trap == 0:
+            # kvmhv_run_single_vcpu: trap 0 is no exit to handle (L0 emulated an MMIO access
+            # of the L2 and returned H_TOO_HARD, which L1 sees as 0): RESUME_GUEST.
+            self._count("exit.trap0_l0_mmio")
+            reply = ExitReply(ExitAction.REENTER, detail="L0 emulated MMIO")
+        elif ex.trap == f.BOOK3S_INTERRUPT_HV_DECREMENTER:
             reply = self.kvmppc_hdec_exit(ex)
         elif ex.trap == f.BOOK3S_INTERRUPT_SYSCALL:
             reply = self.kvmppc_pseries_do_hcall(ex)
