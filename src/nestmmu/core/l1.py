@@ -751,6 +751,8 @@ class L1Hypervisor:
         H_COPY_TOFROM_GUEST into ``vcpu->arch.last_inst``; when the hcall fails, kvmppc_ld
         falls back to its software walk (kvmppc_xlate) and kvm_read_guest."""
         self._count("exit.l1_mmio")
+        # (The kernel's fast path for a store to a KVM_FAST_MMIO_BUS device, which needs no
+        # instruction, is not modelled: the model has no ioeventfds.)
         # The instruction's address: the faulting PC for an HISI; for a load/store the model
         # has no PC and uses the guest's text address.  L1 strips the quadrant bits and asks
         # for PID 0 (quadrant 3, the L2 kernel).
