@@ -43,3 +43,28 @@ def test_forgotten_flush_after_remap_is_reported_by_the_audit(lc: cluster.LocalC
     assert stats["l1.flush_forgotten"] == 1
     assert audit.outcome == l0_pb2.AUDIT_OUTCOME_VIOLATIONS
     assert {v.invariant for v in audit.violations} & {"I1", "I4"}, [f"{v.invariant}: {v.detail}" for v in audit.violations]
+
+
+def test_l1_mmio_issues_h_copy_tofrom_guest_over_grpc(lc: cluster.LocalCluster) -> None:
+    """The same L1 emulating MMIO beyond its L2's memory fetches the instruction with
+    H_COPY_TOFROM_GUEST (kvmhv_load_from_eaddr) over its session; the text page was never run,
+    so L0 answers H_NOT_FOUND and L1 counts kvmppc_ld's fallback."""
+
+    async def go() -> tuple[list[int], dict[str, int], dict[str, int]]:
+        async with cluster.insecure_channel(lc.l0) as ch0, cluster.insecure_channel(lc.l1s["l1a"]) as ch1:
+            l1 = l1_pb2_grpc.L1ServiceStub(ch1)
+            l0 = cluster.l0_pb2_grpc.L0ServiceStub(ch0)
+            before = dict((await l1.GetStats(l1_pb2.GetStatsRequest(), timeout=10)).counters.values)
+            lpid = (await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20), timeout=30)).lpid
+            a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=0), timeout=30)
+            v = RawVcpu(l0, a.run_token)
+            await asyncio.wait_for(v.attached, 10)
+            res = await v.run([(16 << 20) + 0x40], [1])
+            after = dict((await l1.GetStats(l1_pb2.GetStatsRequest(), timeout=10)).counters.values)
+            await v.close()
+            return [o for o, *_ in res], before, after
+
+    outcomes, before, after = asyncio.run(go())
+    assert outcomes == [l0_pb2.ACCESS_OUTCOME_L1_EMULATED]
+    assert after["session.hcall.copy_tofrom_guest"] - before.get("session.hcall.copy_tofrom_guest", 0) == 1
+    assert after["l1.mmio.insn_fallback"] - before.get("l1.mmio.insn_fallback", 0) == 1
