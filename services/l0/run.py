@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from nestmmu.core.effects import AccessResult, Outcome
+from nestmmu.core import formats as f
+from nestmmu.core.effects import AccessResult, NestedExit, Outcome
 from nestmmu.core.formats import Access
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.limits import MAX_BATCH, RUN_WORKER_SLICE_S
@@ -58,7 +59,7 @@ async def serve_run(
     svc.stats["run_streams_opened"] += 1
     structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
     log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
-    batches: asyncio.Queue[l0_pb2.AccessBatch | None] = asyncio.Queue()
+    batches: asyncio.Queue[Work] = asyncio.Queue()
     reader = asyncio.create_task(read_run(st, it, batches))
     worker = asyncio.create_task(run_worker(svc, st, batches))
     try:
@@ -84,12 +85,19 @@ async def serve_run(
         structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
 
 
-async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+Work = l0_pb2.AccessBatch | l0_pb2.NestedExitRequest | None
+#: The non-fault exits a vCPU may report (core/exitclock.py).
+NESTED_EXIT_TRAPS = (f.BOOK3S_INTERRUPT_HV_DECREMENTER, f.BOOK3S_INTERRUPT_SYSCALL)
+
+
+async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[Work]) -> None:
     try:
         async for req in it:
             kind = req.WhichOneof("message")
             if kind == "batch":
                 batches.put_nowait(req.batch)
+            elif kind == "nested_exit":  # in order with the batches: the worker takes it
+                batches.put_nowait(req.nested_exit)
             elif kind == "ack":
                 st.ack(list(req.ack.invalidation_ids))
             elif kind == "tlb_dump":
@@ -115,13 +123,34 @@ def check_batch(b: l0_pb2.AccessBatch) -> str | None:
     return None
 
 
-async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+async def run_nested_exit(svc: L0Servicer, st: RunStream, e: l0_pb2.NestedExitRequest) -> bool:
+    """kvmppc_handle_nested_exit for an HDEC or L2-hcall exit the vCPU reported; False if the
+    request is invalid (the stream is then closed)."""
+    if e.trap not in NESTED_EXIT_TRAPS:
+        st.close(f"invalid:nested_exit.trap:must be {f.BOOK3S_INTERRUPT_HV_DECREMENTER:#x} (HDEC) or {f.BOOK3S_INTERRUPT_SYSCALL:#x} (hcall), not {e.trap:#x}")
+        return False
+    if st.gp.freed:
+        return True
+    ex = NestedExit(e.trap, 0, 0, 0, Access.LOAD, gpr3=e.gpr3)
+    try:
+        await svc.drive(svc.core.kvmppc_handle_nested_exit(st.gp, st.vcpu_id, ex))
+    except (L1Gone, TimeoutError):
+        svc.stats["nested_exits_l1_unavailable"] += 1
+    svc.stats["nested_exits"] += 1
+    return True
+
+
+async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work]) -> None:
     core = svc.core
     try:
         while True:
             b = await batches.get()
             if b is None or not st.alive:
                 break
+            if isinstance(b, l0_pb2.NestedExitRequest):
+                if not await run_nested_exit(svc, st, b):
+                    break
+                continue
             err = check_batch(b)
             if err:
                 st.close(err)

@@ -83,11 +83,19 @@ def _field_of_config_error(msg: str) -> str:
 class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
     """L1Service over one core L1Hypervisor and its session with L0."""
 
-    def __init__(self, name: str, l0_address: str, advertise_l0: str | None = None, use_rpt_invalidate: bool = True, forget_flush: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        l0_address: str,
+        advertise_l0: str | None = None,
+        use_rpt_invalidate: bool = True,
+        forget_flush: bool = False,
+        hdec_every: int = 0,
+    ) -> None:
         self.name = name
         self.l0_address = l0_address
         self.advertise_l0 = advertise_l0 or l0_address
-        self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate, forget_flush=forget_flush)
+        self.session = L0Session(name, l0_address, default_memslots(), use_rpt_invalidate, forget_flush=forget_flush, hdec_every=hdec_every)
         self.tree_ops = TreeOps()
 
     # ------------------------------------------------------------------ lifecycle
@@ -189,7 +197,9 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         except L0Unavailable as e:
             await self._unavailable(context, e)
         log.info("vcpu_entered", lpid=request.lpid, vcpu_id=request.vcpu_id, hcall_rc=resp.hcall_rc, shadow_lpid=resp.shadow_lpid)
-        return l1_pb2.AttachVcpuResponse(hcall_rc=resp.hcall_rc, run_token=resp.run_token, l0_address=self.advertise_l0, shadow_lpid=resp.shadow_lpid)
+        return l1_pb2.AttachVcpuResponse(
+            hcall_rc=resp.hcall_rc, run_token=resp.run_token, l0_address=self.advertise_l0, shadow_lpid=resp.shadow_lpid, hdec_every=core.hdec_every
+        )
 
     async def _tree_op(self, context: Ctx, lpid: int, n_gpa: int, length: int, make: MakeChunks) -> tuple[int, int]:
         """One L2-tree change: validate (limits included), then change the tree in L1 memory
@@ -287,15 +297,17 @@ async def serve(
     use_rpt_invalidate: bool = True,
     ready: asyncio.Event | None = None,
     forget_flush: bool = False,
+    hdec_every: int = 0,
 ) -> None:
     """Serve L1Service on host:port until SIGTERM/SIGINT, registered with L0 at l0_address.
 
     ``ready`` is set once the server listens *and* the L1 has registered with L0 for the first
     time (it keeps reconnecting with backoff until L0 is up). ``advertise_l0`` is the L0
     address handed to L2 vCPUs in AttachVcpu (default: l0_address).  ``forget_flush``: the
-    L1 skips the invalidation after changing a leaf (teaching failure mode §9.17).
+    L1 skips the invalidation after changing a leaf (teaching failure mode §9.17);
+    ``hdec_every``: the HDEC it programs, in accesses of each L2 vCPU (0 = never).
     """
-    servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate, forget_flush)
+    servicer = L1Servicer(name, l0_address, advertise_l0, use_rpt_invalidate, forget_flush, hdec_every)
     serving = asyncio.Event()
     # NOT_SERVING whenever there is no session with L0 (every CreateGuest would fail).
     health_state = Health(serving=False)

@@ -136,9 +136,11 @@ class L0Session:
         use_rpt_invalidate: bool = True,
         on_core: Callable[[L1Hypervisor], None] | None = None,
         forget_flush: bool = False,
+        hdec_every: int = 0,
     ) -> None:
         self.name = name
         self.forget_flush = forget_flush  # the core L1's §9.17 teaching option
+        self.hdec_every = hdec_every  # the core L1's HDEC on the logical clock
         self.l0_address = l0_address
         self.memslots = memslots
         self.use_rpt_invalidate = use_rpt_invalidate
@@ -220,7 +222,9 @@ class L0Session:
             reg = first.registered
             stream = _Stream(reg.session_token, reg.l1_lpid_host, reg.page_shift, out)
             if self.core is None:
-                self.core = L1Hypervisor(self.name, self.memslots, reg.page_shift or 16, self.use_rpt_invalidate, forget_flush=self.forget_flush)
+                self.core = L1Hypervisor(
+                    self.name, self.memslots, reg.page_shift or 16, self.use_rpt_invalidate, forget_flush=self.forget_flush, hdec_every=self.hdec_every
+                )
                 if self._on_core is not None:
                     self._on_core(self.core)
             elif reg.page_shift and reg.page_shift != self.core.l0_page_shift:

@@ -38,7 +38,8 @@ import grpc
 import structlog
 
 from nestmmu.core.data import DataMessage, DataVcpu
-from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Translation
+from nestmmu.core.effects import AccessResult, Invalidation, NestedExit, Outcome, Scope, Translation
+from nestmmu.core.exitclock import ExitClock, clocked
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import l0_pb2, l0_pb2_grpc
@@ -104,8 +105,9 @@ def _drain(q: queue.Queue[l0_pb2.RunRequest | None]) -> Iterator[l0_pb2.RunReque
 class RunStream:
     """The Run stream of one attached vCPU and the reader that applies L0's messages."""
 
-    def __init__(self, vcpu_id: int, l1_lpid: int, l0_address: str, run_token: str) -> None:
+    def __init__(self, vcpu_id: int, l1_lpid: int, l0_address: str, run_token: str, hdec_every: int = 0) -> None:
         self.vcpu_id = vcpu_id
+        self.hdec_every = hdec_every  # the HDEC L1 programs (AttachVcpu), on the logical clock
         self.l1_lpid = l1_lpid
         self.l0_address = l0_address
         self.run_token = run_token
@@ -160,10 +162,14 @@ class RunStream:
             lock = self.lock
             if spec.data:
                 await self._run_data(spec, vcpu_index)
-            batches = generate(spec, vcpu_index) if not spec.data else iter(())
+            clock = ExitClock(self.hdec_every, spec.hcall_every)
+            batches = clocked(generate(spec, vcpu_index), clock) if not spec.data else iter(())
             big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
             loop = asyncio.get_running_loop()
             while (got := await loop.run_in_executor(_GENERATOR, next, batches, None) if big else next(batches, None)) is not None:
+                if isinstance(got, NestedExit):  # due after every access before it
+                    self._send_nested_exit(got)
+                    continue
                 addrs, kinds = got
                 send: list[tuple[int, int]] = []
                 for lo in range(0, len(addrs), SCAN_SLICE):  # the lock is held one slice at a time
@@ -197,6 +203,12 @@ class RunStream:
             call.cancel()
             await asyncio.to_thread(reader.join)
             channel.close()
+
+    def _send_nested_exit(self, ex: NestedExit) -> None:
+        """An HDEC or hcall exit: L0 takes it in order after the batches sent before it."""
+        with self.lock:
+            self.stats["nested_exits_sent"] += 1
+        self.out.put_nowait(l0_pb2.RunRequest(nested_exit=l0_pb2.NestedExitRequest(trap=ex.trap, gpr3=ex.gpr3)))
 
     async def _round(self, send: list[tuple[int, int]]) -> None:
         """Send one AccessBatch and wait until its results (and any tlbies) were applied."""

@@ -60,6 +60,7 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         trace_path=w.trace_path,
         data=w.data,
         data_fresh=w.data_fresh,
+        hcall_every=w.hcall_every,
     )
 
 

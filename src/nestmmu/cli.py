@@ -132,8 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     from nestmmu.services.common import configure_logging
 
     configure_logging(args.log_level, json=args.log_json or None)
-    if args.forget_flush and args.level != "l1":
-        raise CliError("--forget-flush is an option of `serve l1` only", EXIT_USAGE)
+    if (args.forget_flush or args.hdec_every) and args.level != "l1":
+        raise CliError("--forget-flush and --hdec-every are options of `serve l1` only", EXIT_USAGE)
     if args.level == "l0":
         from nestmmu.services.l0.server import serve as serve_l0
 
@@ -152,6 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
                 advertise_l0=args.advertise_l0,
                 use_rpt_invalidate=not args.tlb_invalidate,
                 forget_flush=args.forget_flush,
+                hdec_every=args.hdec_every,
             )
         )
     else:
@@ -422,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget-flush",
         action="store_true",
         help="l1: teaching failure mode (semantics §9.17): skip the invalidation hcall after changing a leaf, so the audit reports the stale shadow leaf",
+    )
+    s.add_argument(
+        "--hdec-every",
+        type=_int_range(0),
+        default=0,
+        metavar="N",
+        help="l1: the HDEC this L1 programs expires every N accesses of each L2 vCPU (an exit to L1; 0 = never)",
     )
     s.add_argument("--page-shift", type=int, default=16, choices=[12, 16], help="l0: base page shift (16 = 64K, POWER9 Linux default)")
     s.add_argument("--ack-timeout", type=float, default=2.0, help="l0: seconds a vCPU has to acknowledge a tlbie before it is disconnected")

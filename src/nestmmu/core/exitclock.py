@@ -10,6 +10,7 @@ an hcall due after the same access come in that order (the timer interrupt is ta
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import formats as f
@@ -55,3 +56,23 @@ class ExitClock:
             if p:
                 ts.update(range((before // p + 1) * p, now + 1, p))
         return sorted(ts)
+
+
+Batch = tuple[list[int], list[int]]
+
+
+def clocked(batches: Iterable[Batch], clock: ExitClock) -> Iterator[Batch | NestedExit]:
+    """``batches`` cut at the clock's events, each piece followed by the exits due after it.
+
+    A driver runs each piece to completion before asking for the next item, so an exit comes
+    after every access before it and before every access after it (deterministic)."""
+    for addrs, kinds in batches:
+        if not clock.active:
+            yield addrs, kinds
+            continue
+        i = 0
+        while i < len(addrs):
+            n = min(clock.until_next(), len(addrs) - i)
+            yield addrs[i : i + n], kinds[i : i + n]
+            i += n
+            yield from clock.advance(n)

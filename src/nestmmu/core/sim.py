@@ -36,7 +36,7 @@ from .effects import (
     WriteL1Memory,
     run_sync,
 )
-from .exitclock import ExitClock
+from .exitclock import ExitClock, clocked
 from .formats import Access
 from .l0 import ConfigError, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
 from .l1 import (
@@ -238,17 +238,11 @@ class InProcessCluster:
     def _clocked(self, s: VcpuSession, addrs: list[int], kinds: list[int], run: Callable[[list[int], list[int]], None]) -> None:
         """Run a batch in pieces cut at the vCPU's logical-clock events, taking each event's
         exit (HDEC, L2 hcall) between the accesses where it falls (deterministic)."""
-        clock = s.clock
-        if not clock.active:
-            run(addrs, kinds)
-            return
-        i = 0
-        while i < len(addrs):
-            n = min(clock.until_next(), len(addrs) - i)
-            run(addrs[i : i + n], kinds[i : i + n])
-            i += n
-            for ex in clock.advance(n):
-                self.nested_exit(s, ex)
+        for item in clocked([(addrs, kinds)], s.clock):
+            if isinstance(item, NestedExit):
+                self.nested_exit(s, item)
+            else:
+                run(*item)
 
     def run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
         """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds."""
@@ -264,6 +258,8 @@ class InProcessCluster:
             send = vcpu.next_round()
 
     def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0, data: bool = False) -> Counter[str]:
+        if spec.hcall_every:  # the L2 program's hcalls (as the L2 service runs it)
+            s.clock.hcall_every = spec.hcall_every
         for addrs, kinds in generate(spec, vcpu_index):
             if data:
                 self.run_data_batch(s, addrs, kinds, vcpu_index)

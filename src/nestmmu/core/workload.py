@@ -32,6 +32,7 @@ class WorkloadSpec:
     trace_path: str = ""
     data: bool = False  # data mode: stores carry values, loads are checked (see .data)
     data_fresh: bool = False  # data mode on a new guest: words never stored must read zero
+    hcall_every: int = 0  # the L2 program calls H_PUT_TERM_CHAR every that many accesses (0 = never)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -44,6 +45,8 @@ class WorkloadSpec:
             raise ValueError("store_fraction and ifetch_fraction must be in [0, 1] and sum to at most 1")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be in 1..{MAX_BATCH} (MAX_BATCH), not {self.batch_size}")
+        if self.hcall_every < 0:
+            raise ValueError(f"hcall_every must be >= 0 (0 = never), not {self.hcall_every}")
         if self.pattern == "trace" and not self.trace_path:
             raise ValueError("pattern 'trace' needs trace_path")
 
