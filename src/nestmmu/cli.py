@@ -179,6 +179,7 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         trace_path=os.path.abspath(args.trace) if args.trace else "",
         data=args.data,
         attached_audit=attached_audit if l0 else None,
+        hcall_every=args.hcall_every,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -446,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
         q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
         q.add_argument("--data", action="store_true", help="data mode: stores carry values, every load is checked (lost_writes in the report)")
+        q.add_argument(
+            "--hcall-every",
+            type=_int_range(0),
+            default=0,
+            metavar="N",
+            help="each vCPU's program calls H_PUT_TERM_CHAR every N accesses: an exit to its L1 (0 = never)",
+        )
         q.add_argument("--trace", help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path")
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")

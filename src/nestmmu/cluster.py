@@ -387,6 +387,7 @@ async def run_default_workload(
     batch_size: int = 1024,
     data: bool = False,
     attached_audit: dict[str, Any] | None = None,
+    hcall_every: int = 0,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
@@ -394,6 +395,7 @@ async def run_default_workload(
     With ``data``, the guests are data guests and the workloads run in data mode (checked).
     With ``attached_audit`` (a dict, filled in) and ``l0``: one audit is taken while vCPUs are
     attached (the churn paused around it), so the vCPUs' TLBs are dumped and I5 is checked.
+    ``hcall_every``: each vCPU's program calls H_PUT_TERM_CHAR every that many accesses.
     """
     plan = plan or default_plan()
     jobs = []
@@ -432,6 +434,7 @@ async def run_default_workload(
                             batch_size=batch_size,
                             data=data,
                             data_fresh=data,  # the guests were created just above
+                            hcall_every=hcall_every,
                         ),
                     ),
                     timeout=600.0,
