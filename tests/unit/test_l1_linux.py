@@ -6,6 +6,7 @@ model's behaviour before issue 7.
 
 from __future__ import annotations
 
+import pytest
 from _helpers_fault import MiB, make_env
 
 from nestmmu.core import formats as f
@@ -168,3 +169,24 @@ def test_mmio_l0_emulates_returns_trap_0_to_l1_which_enters_again() -> None:
     assert [x.trap for x in e.exits] == [HDSI, 0]
     assert e.l1.stats["exit.trap0_l0_mmio"] == 1
     assert (e.l1.stats["hcall.H_ENTER_NESTED"], e.l0.stats["hcall.H_ENTER_NESTED"]) == (before[0] + 2, before[1] + 2)
+
+
+def test_l1_options_on_other_levels_are_a_one_line_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`nestmmu serve l0 --forget-flush` / `--hdec-every` name the level they belong to."""
+    from nestmmu import cli
+
+    for extra in (["--forget-flush"], ["--hdec-every", "5"]):
+        assert cli.main(["serve", "l0", *extra]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["nestmmu serve: --forget-flush and --hdec-every are options of `serve l1` only"]
+
+
+def test_clocked_cuts_batches_at_events_and_orders_hdec_before_hcall() -> None:
+    """The logical clock the drivers share (core/exitclock.py): every exit right after the
+    access that reaches it; HDEC before an hcall due at the same access."""
+    from nestmmu.core.exitclock import ExitClock, clocked
+
+    out = list(clocked([([1, 2, 3, 4, 5], [1] * 5), ([6, 7], [1] * 2)], ExitClock(hdec_every=2, hcall_every=4)))
+    shape = [x.trap if isinstance(x, NestedExit) else x[0] for x in out]
+    hdec, sc = f.BOOK3S_INTERRUPT_HV_DECREMENTER, f.BOOK3S_INTERRUPT_SYSCALL
+    assert shape == [[1, 2], hdec, [3, 4], hdec, sc, [5], [6], hdec, [7]]
