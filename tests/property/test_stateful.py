@@ -381,6 +381,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         else:
             self.c.l0.host_unmap(vm, gpa)
         self.c.deliver(self.c.l0.take_invalidations())
+        self.ref.host_unmap(l1, gpa)
         self.rcs["host.migrate" if migrate else "host.unmap"] += 1
 
     @precondition(lambda self: self.c.sessions)
@@ -403,6 +404,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
             page = self.c.l1s[s.l1].guests[s.l1_lpid].backing.get(addr >> g.page_shift)
             assert page is not None, "a fault reached L0's PTE for a page L1 does not back"
             l1_addr = page + (addr & (g.page_size - 1))
+            # This fault has just read (or instantiated, with C) L0's PTE for the L1 page.
+            self.ref.l0_fault(s.l1, l1_addr)
             if event == "harvest":
                 if not r1.dirty_logging:
                     return
@@ -413,8 +416,10 @@ class NestedMmuMachine(RuleBasedStateMachine):
                 assert want <= got <= want | {l1_addr >> ps << ps}, f"racing harvest: got {sorted(map(hex, got))}, reference {sorted(map(hex, want))}"
             elif event == "unmap":
                 self.c.l0.host_unmap(vm, l1_addr)
+                self.ref.host_unmap(s.l1, l1_addr)
             else:
                 self.c.l0.host_migrate(vm, l1_addr)
+                self.ref.host_unmap(s.l1, l1_addr)
 
         want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
         self.c.preempt_hook = hook

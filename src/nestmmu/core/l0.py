@@ -1012,13 +1012,16 @@ class L0Hypervisor:
             level = 0
             # Bring over the offset inside a larger host page to get the base page we want.
             hpa = hpa_base + ((gpa - chunk) & ~((1 << page_shift) - 1))
-        writable = not kvm_ro
+        # Always +X +R.  A read fault keeps write permission only when the host gives a
+        # writable upgrade (__kvm_faultin_pfn's *writable); whenever the PTE ends up writable
+        # -- ``writing || upgrade_write`` -- it gets C too (_PAGE_DIRTY): the host page is
+        # dirtied at once (set_page_dirty_lock) so the guest's first store needs no SET_RC.
+        upgrade_write = self.config.host_write_upgrade and not kvm_ro
         perms = f.PTE_EAA_READ | f.PTE_EAA_EXEC
         rc = f.PTE_R
-        if (writing or self.config.host_write_upgrade) and writable:
+        if (writing or upgrade_write) and not kvm_ro:
             perms |= f.PTE_EAA_RW
-            if writing:
-                rc |= f.PTE_C
+            rc |= f.PTE_C
         pte = f.PTE_V | f.PTE_L | hpa | perms | rc
         lshift = level_to_shift(level, page_shift)
         ret = self.kvmppc_create_pte(vm, vm.pgtable, pte, gpa & ~((1 << lshift) - 1), level, mmu_seq, vm.lpid, None, 0)
