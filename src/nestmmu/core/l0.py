@@ -54,7 +54,20 @@ EAGAIN = -11
 EINVAL = -22
 # Bits kvmppc_create_pte allows to differ when OR-ing into an existing leaf.
 PTE_BITS_MUST_MATCH = ~(f.PTE_EAA_RW | f.PTE_C | f.PTE_R) & f.U64
-KMALLOC_MAX_SIZE = 1 << 22
+# The page allocator's largest order on ppc64 (MAX_PAGE_ORDER = CONFIG_ARCH_FORCE_MAX_ORDER,
+# arch/powerpc/Kconfig: default 8 with PPC_64K_PAGES, 12 with 4K pages) by PAGE_SHIFT.
+PPC64_MAX_PAGE_ORDER = {16: 8, 12: 12}
+
+
+def kmalloc_max_size(page_shift: int) -> int:
+    """KMALLOC_MAX_SIZE for a ppc64 host with this PAGE_SHIFT (include/linux/slab.h).
+
+    KMALLOC_SHIFT_MAX = MAX_PAGE_ORDER + PAGE_SHIFT and KMALLOC_MAX_SIZE = 1 << that: the
+    largest block kmalloc can hand out (larger requests go to the page allocator, which
+    cannot give more than 2^MAX_PAGE_ORDER pages).  64K pages: 8 + 16; 4K pages: 12 + 12;
+    both 2^24 = 16 MiB.  (Before v6.4 MAX_ORDER was exclusive, with Kconfig defaults 9 and
+    13 and KMALLOC_SHIFT_MAX = MAX_ORDER + PAGE_SHIFT - 1: the same 16 MiB.)"""
+    return 1 << (PPC64_MAX_PAGE_ORDER[page_shift] + page_shift)
 
 
 class ConfigError(ValueError):
@@ -557,7 +570,8 @@ class L0Hypervisor:
             return H.PARAMETER
         if eaddr & (0xFFF << 52):
             return H.PARAMETER
-        if n < 0 or n > KMALLOC_MAX_SIZE:
+        # kzalloc(n, GFP_KERNEL | __GFP_NOWARN) fails above KMALLOC_MAX_SIZE.
+        if n < 0 or n > kmalloc_max_size(self.page_shift):
             return H.NO_MEM
         gp = yield from self.kvmhv_get_nested(vm, lpid, create=False)
         if gp is None:
@@ -593,9 +607,22 @@ class L0Hypervisor:
             ok = yield WriteL1Memory(vm, to_gpa, b"".join(parts))
             if not ok:
                 rc = H.NOT_FOUND
+            else:
+                self.mark_page_dirty(vm, to_gpa, n)
         yield ReleaseTlbLock(gp)
         self.kvmhv_put_nested(gp)
         return rc
+
+    def mark_page_dirty(self, vm: L1Vm, gpa: int, n: int) -> None:
+        """kvm_vcpu_write_guest -> mark_page_dirty_in_slot: L0 wrote ``n`` bytes of L1 memory
+        at ``gpa`` itself (not through L1's partition-scoped table, so no C bit records it):
+        each base page written goes into its memslot's dirty log when logging is on."""
+        ps = self.page_size
+        for page in range(gpa & ~(ps - 1), gpa + n, ps):
+            memslot = vm.memslot_for(page)
+            if memslot is not None and memslot.dirty_logging:
+                memslot.dirty.add(page >> self.page_shift)
+                self.stats["dirty_marked_by_l0_write"] += 1
 
     # ================================================================ nested guest registry
     def kvmhv_update_ptbl_cache(self, gp: KvmNestedGuest) -> Op[None]:
