@@ -7,6 +7,7 @@ from _helpers_fault import Env, base_page_memslots, make_env
 from nestmmu.core import formats as f
 from nestmmu.core.effects import Outcome
 from nestmmu.core.formats import Access
+from nestmmu.core.l0 import L0Config
 
 
 def fill(e: Env, addrs: list[int], kind: Access = Access.LOAD) -> None:
@@ -188,3 +189,20 @@ def test_every_host_event_bumps_mmu_invalidate_seq() -> None:
     seqs.append(vm.mmu_invalidate_seq)
     assert seqs == list(range(seqs[0], seqs[0] + 6))
     assert vm.mmu_invalidate_in_progress == 0
+
+
+def test_harvest_after_a_load_only_access_reports_the_page_dirty() -> None:
+    """kvmppc_book3s_instantiate_page maps a read fault writable when the host gives the
+    write upgrade, and then sets C (writing || upgrade_write): KVM's dirty log reports a page
+    L2 only loaded from.  Without the upgrade the PTE is read-only and clean."""
+    for upgrade in (True, False):
+        e = make_env(L0Config(host_write_upgrade=upgrade), memslots=base_page_memslots())
+        e.host(e.l0.set_dirty_logging, e.vm, 0, True)
+        e.run(0x10000, Access.LOAD)
+        l1_gpa = e.l1_gpa(0x10000)
+        l0 = e.l0_pte(l1_gpa)
+        assert l0 is not None and bool(l0.pte & f.PTE_EAA_RW) == upgrade and bool(l0.pte & f.PTE_C) == upgrade
+        sh = e.shadow(0x10000)
+        assert sh is not None and not sh.pte & f.PTE_C  # the shadow gets C only on a store
+        assert e.host(e.l0.harvest_dirty, e.vm, 0) == ([l1_gpa] if upgrade else [])
+        assert e.c.audit().ok
