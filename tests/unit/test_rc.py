@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from _helpers_fault import assert_shadow_c_implies_l0_c, make_env
+from _helpers_fault import MiB, assert_shadow_c_implies_l0_c, make_env
 
 from nestmmu.core import formats as f
 from nestmmu.core.effects import NestedExit, Outcome
 from nestmmu.core.formats import Access
+from nestmmu.core.l1 import GuestRegion
 
 HDSI = f.BOOK3S_INTERRUPT_H_DATA_STORAGE
 
@@ -180,3 +181,29 @@ def test_nested_set_rc_when_l0_pte_vanished_invalidates_shadow_and_retries() -> 
     l0 = e.l0_pte(g.raddr)
     assert sh is not None and l0 is not None
     assert sh.pte & f.PTE_C and l0.pte & f.PTE_C
+
+
+def test_linux_as_l1_leaves_get_c_whenever_writable() -> None:
+    """Linux-as-L1 builds its L2's leaves with kvmppc_book3s_instantiate_page too: C whenever
+    the leaf ends up writable, whatever the access (a load, a prefault, a remap's new leaf);
+    never on a leaf L1 maps without RW."""
+    ro = 32 * MiB
+    e = make_env(regions=[GuestRegion("protect", ro, 2 * MiB, f.PTE_EAA_READ | f.PTE_EAA_EXEC)])
+    assert e.access(0x10000, Access.LOAD).outcome is Outcome.FILL
+    assert e.access(ro, Access.LOAD).outcome is Outcome.FILL
+    e.issue(e.l1.map_pages(e.lpid, 0x20000, 0x10000)[1])
+    for p, c in ((0x10000, True), (0x20000, True), (ro, False)):
+        g = e.l1_leaf(p)
+        assert g.ok and g.pte & f.PTE_R and bool(g.pte & f.PTE_C) == c, hex(p)
+    old = e.l1_gpa(0x10000)
+    e.issue(e.l1.remap_pages(e.lpid, 0x10000, 0x10000)[1])
+    g = e.l1_leaf(0x10000)
+    assert g.raddr != old and g.pte & f.PTE_C
+    # The shadow leaf of the load still has no C: the first store takes SET_RC in L0 only.
+    e.exits.clear()
+    assert e.access(0x20000, Access.LOAD).outcome is Outcome.FILL
+    sh = e.shadow(0x20000)
+    assert sh is not None and not sh.pte & f.PTE_C
+    assert e.access(0x20000, Access.STORE).outcome is Outcome.FILL
+    assert e.exits == []
+    assert e.c.audit().ok
