@@ -23,9 +23,16 @@ outcomes, ordered as the fault checks them:
 
 L1's leaf for a page that is not mapped is created on the first access that reaches it (any
 class but 1, and not a store to a read-only page: Linux-as-L1 queues the DSI before
-instantiating), with R, and with C when that access is a store L1 permits.  A store that
-livelocks (rule 4) also sets C in L1's leaf: L1 handles the raw HDSI as its own fault.  A store that fills
-leaves C set in L1's leaf.  Protecting a page without RW, or remapping it, clears C.
+instantiating), or by a map, with R, and with C whenever L1 grants RW: Linux-as-L1 builds it with
+``kvmppc_book3s_instantiate_page``, which sets C whenever the PTE ends up writable (``writing ||
+upgrade_write``), for a load too.  A store that livelocks (rule 4) also sets C in L1's leaf: L1
+handles the raw HDSI as its own fault.  A store that fills leaves C set in L1's leaf.  Protecting
+a page without RW clears C; remapping it builds a new leaf (C iff writable).
+
+Dirty logging (on L1's RAM slot): a page is dirty when an L2 store to it filled, and also when
+a fill made L0 instantiate its PTE for the L1 page (no L0 PTE there since logging was turned on
+or the host last unmapped it): L0 maps RAM writable on a read fault too (the host's write
+upgrade), so the PTE gets C at once.
 """
 
 from __future__ import annotations
@@ -104,7 +111,10 @@ class RefL1:
     memslots: list[RefMemslot]
     guests: dict[int, RefGuest] = field(default_factory=dict)
     dirty_logging: bool = False  # on memslot 0
-    stored: set[int] = field(default_factory=set)  # L0-page-aligned L1 addresses stored to
+    stored: set[int] = field(default_factory=set)  # L0-page-aligned L1 addresses dirtied
+    # L0-page-aligned L1 addresses of memslot 0 that L0's table maps (tracked while logging:
+    # turning logging on flushes the slot, and L0 then maps base pages only).
+    l0_mapped: set[int] = field(default_factory=set)
 
     def memslot_for(self, gpa: int) -> RefMemslot | None:
         for s in self.memslots:
@@ -205,25 +215,52 @@ class Reference:
             return  # kvmppc_book3s_radix_page_fault: read-only memslot + store = DSI, no leaf
         if m is None:
             perms = g.page_perms(page)
-            m = g.pages[page] = RefPage(learn(page), perms, kind == STORE and bool(perms & RW))
+            m = g.pages[page] = RefPage(learn(page), perms, bool(perms & RW))
         if outcome is Outcome.ERROR and kind == STORE:
             # The livelock of an L1 page smaller than L0's: each round L1 handles the raw HDSI
             # (a store) as its own fault, and instantiating ORs C into its leaf.
             m.c = True
-        if outcome is Outcome.FILL and kind == STORE:
+        if outcome is not Outcome.FILL:
+            return
+        a = m.l1_gpa + (addr & (g.page_size - 1))
+        self.l0_fault(l1, a)
+        if kind == STORE:
             m.c = True
-            a = m.l1_gpa + (addr & (g.page_size - 1))
             slot = r1.memslot_for(a)
             if r1.dirty_logging and slot is r1.memslots[0]:
                 ps = self.l0_page_shift
                 r1.stored.add(a >> ps << ps)
+
+    def l0_fault(self, l1: str, l1_addr: int) -> None:
+        """A nested fault reached L0's PTE for ``l1_addr``: L0 instantiates it if absent,
+        writable (RAM) and therefore with C -- the page is dirty."""
+        r1 = self.l1s[l1]
+        if not r1.dirty_logging or r1.memslot_for(l1_addr) is not r1.memslots[0]:
+            return
+        ps = self.l0_page_shift
+        page = l1_addr >> ps << ps
+        if page not in r1.l0_mapped:
+            r1.l0_mapped.add(page)
+            r1.stored.add(page)
+
+    def host_unmap(self, l1: str, l1_addr: int) -> None:
+        """The host unmapped (or moved) the page backing ``l1_addr``: L0's PTEs in that host
+        page are gone (their C, if any, went to the dirty log: already counted dirty)."""
+        r1 = self.l1s[l1]
+        slot = r1.memslot_for(l1_addr)
+        if slot is None:
+            return
+        size = 1 << (slot.backing_shift or self.l0_page_shift)
+        chunk = l1_addr & ~(size - 1)
+        r1.l0_mapped = {p for p in r1.l0_mapped if not chunk <= p < chunk + size}
 
     # ------------------------------------------------------------------ L1 tree edits
     def map_pages(self, l1: str, lpid: int, n_gpa: int, length: int, learn: Callable[[int], int]) -> None:
         g = self.l1s[l1].guests[lpid]
         for page in range(n_gpa >> g.page_shift, ((n_gpa + length - 1) >> g.page_shift) + 1):
             if page not in g.pages:
-                g.pages[page] = RefPage(learn(page), g.page_perms(page), False)
+                perms = g.page_perms(page)
+                g.pages[page] = RefPage(learn(page), perms, bool(perms & RW))
 
     def unmap_pages(self, l1: str, lpid: int, n_gpa: int, length: int) -> None:
         g = self.l1s[l1].guests[lpid]
@@ -250,13 +287,14 @@ class Reference:
             if r is not None and r.kind != "protect":
                 continue  # ROM and MMIO mappings do not move
             m.l1_gpa = learn(page)
-            m.c = False
+            m.c = bool(m.perms & RW)
 
     # ------------------------------------------------------------------ dirty logging
     def set_dirty_logging(self, l1: str, on: bool) -> None:
         r = self.l1s[l1]
         if r.dirty_logging != on:
             r.stored = set()
+            r.l0_mapped = set()  # the toggle flushed every L0 PTE of the slot
         r.dirty_logging = on
 
     def harvest(self, l1: str) -> set[int]:

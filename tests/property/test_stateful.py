@@ -12,8 +12,8 @@ Rules are what the parts of the system do to each other:
   H_TLB_INVALIDATE (by address with every AP, by LPID RIC 0/1/2, IS=3, malformed) and
   H_RPT_INVALIDATE (ranges below and above the 33-page ceiling, full-range PWC-only, NESTED_ALL,
   malformed), destroying and re-creating guests, attaching / detaching vCPUs;
-* L0 host events: unmap and migrate an L1 page, dirty logging on / off and harvests (compared
-  exactly with the stores the reference saw);
+* L0 host events: unmap, migrate and THP-collapse an L1 page, dirty logging on / off and
+  harvests (compared exactly with the pages the reference saw dirtied);
 * an L1 dying and coming back.
 
 After every step the online audit (I1-I4, I6, I7 over L0, the L1 trees and every TLB) must be
@@ -381,7 +381,24 @@ class NestedMmuMachine(RuleBasedStateMachine):
         else:
             self.c.l0.host_unmap(vm, gpa)
         self.c.deliver(self.c.l0.take_invalidations())
+        self.ref.host_unmap(l1, gpa)
         self.rcs["host.migrate" if migrate else "host.unmap"] += 1
+
+    @rule(data=st.data(), l1=st.sampled_from(L1_NAMES))
+    def thp_collapse(self, data: st.DataObject, l1: str) -> None:
+        """khugepaged collapses the host page behind an L1 page: L0's leaf and every shadow
+        leaf on it are invalidated (mmu notifier), and the host PTE is absent for a while."""
+        gpa = self._draw_l1_page(data, l1)
+        vm = self.c.vms[l1]
+        if vm.memslot_for(gpa) is None:
+            return
+        self.c.l0.host_thp_collapse(vm, gpa)
+        self.c.deliver(self.c.l0.take_invalidations())
+        self.ref.host_unmap(l1, gpa)
+        chunk = gpa & ~((1 << 21) - 1) if vm.memslot_for(gpa) is vm.memslots[0] else None
+        if chunk is not None:
+            assert not list(vm.pgtable.leaves(chunk, chunk + (1 << 21))), "L0 leaves survive a THP collapse"
+        self.rcs["host.thp_collapse"] += 1
 
     @precondition(lambda self: self.c.sessions)
     @rule(data=st.data(), kind=st.sampled_from([LOAD, STORE, STORE]), event=st.sampled_from(["harvest", "unmap", "migrate"]))
@@ -403,6 +420,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
             page = self.c.l1s[s.l1].guests[s.l1_lpid].backing.get(addr >> g.page_shift)
             assert page is not None, "a fault reached L0's PTE for a page L1 does not back"
             l1_addr = page + (addr & (g.page_size - 1))
+            # This fault has just read (or instantiated, with C) L0's PTE for the L1 page.
+            self.ref.l0_fault(s.l1, l1_addr)
             if event == "harvest":
                 if not r1.dirty_logging:
                     return
@@ -413,8 +432,10 @@ class NestedMmuMachine(RuleBasedStateMachine):
                 assert want <= got <= want | {l1_addr >> ps << ps}, f"racing harvest: got {sorted(map(hex, got))}, reference {sorted(map(hex, want))}"
             elif event == "unmap":
                 self.c.l0.host_unmap(vm, l1_addr)
+                self.ref.host_unmap(s.l1, l1_addr)
             else:
                 self.c.l0.host_migrate(vm, l1_addr)
+                self.ref.host_unmap(s.l1, l1_addr)
 
         want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
         self.c.preempt_hook = hook

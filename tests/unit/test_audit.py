@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from _helpers_fault import Env, MiB, make_env
+from _helpers_fault import Env, MiB, base_page_memslots, make_env
 
 from nestmmu.core import formats as f
 from nestmmu.core.effects import Outcome
@@ -59,9 +59,17 @@ def test_i2_shadow_leaf_with_more_permissions_than_l1_grants() -> None:
 
 
 def test_i3_c_set_in_the_shadow_leaf_only() -> None:
-    e = env_with_pages()
+    e = env_with_pages(memslots=base_page_memslots())  # 0x20000's L0 PTE (with C) is its own
     sh = e.shadow(0x10000)
     assert sh is not None and not sh.pte & f.PTE_C
+    # The load instantiated L1's leaf and L0's PTE writable, hence with C (the kernel's
+    # kvmppc_book3s_instantiate_page); clear both so that only the shadow leaf has C.
+    g = e.l1_leaf(0x10000)
+    l0 = e.l0_pte(g.raddr)
+    assert l0 is not None and g.pte & f.PTE_C and l0.pte & f.PTE_C
+    e.l1.mem.write_u64(g.leaf_addr, g.pte & ~f.PTE_C)
+    e.vm.pgtable.mem.write_u64(l0.addr, l0.pte & ~f.PTE_C)
+    assert e.violations() == set()
     poke_shadow(e, 0x10000, sh.pte | f.PTE_C)
     assert e.violations() == {"I3"}
 

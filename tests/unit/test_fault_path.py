@@ -28,15 +28,17 @@ def test_first_load_reflects_nohpte_l1_and_l0_instantiate_then_shadow_leaf_and_t
     assert r.outcome is Outcome.FILL
     # Exactly one reflection: NOHPTE, with the L2 address in ASDR and HDAR.
     assert e.exits == [NestedExit(HDSI, addr, f.DSISR_NOHPTE, addr, Access.LOAD)]
-    # L1 instantiated a 64K leaf with R (not C).
+    # L1 instantiated a 64K leaf with R, and C because the leaf is writable
+    # (kvmppc_book3s_instantiate_page: writing || upgrade_write).
     g = e.l1_leaf(addr)
     assert g.ok and g.page_shift == 16
-    assert g.pte & f.PTE_R and not g.pte & f.PTE_C
+    assert g.pte & f.PTE_R and g.pte & f.PTE_C
     assert g.pte & f.PTE_PERM_MASK == f.PTE_EAA_READ | f.PTE_EAA_RW | f.PTE_EAA_EXEC
-    # L0 instantiated L1 -> L0 with a 2M leaf (default memslot is THP backed), R, no C.
+    # L0 instantiated L1 -> L0 with a 2M leaf (default memslot is THP backed), R, and C
+    # with the host's write upgrade on this read fault.
     l0 = e.l0_pte(g.raddr)
     assert l0 is not None and l0.shift == 21
-    assert l0.pte & f.PTE_R and not l0.pte & f.PTE_C
+    assert l0.pte & f.PTE_R and l0.pte & f.PTE_C
     assert l0.pte & f.PTE_EAA_RW  # host write upgrade on a read fault
     # Shadow leaf: 64K at the L2 page, host RPN = L0 2M page + offset of the L1 page inside it.
     sh = e.shadow(addr)

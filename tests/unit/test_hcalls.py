@@ -10,7 +10,7 @@ import pytest
 from nestmmu.core import formats as f
 from nestmmu.core.effects import AccessResult, Outcome, ReadL1Memory
 from nestmmu.core.formats import Access, H
-from nestmmu.core.l0 import HvGuestState, KvmNestedGuest, L0Config
+from nestmmu.core.l0 import HCALL_NEVER_RETURNS, HvGuestState, KernelBugs, KvmNestedGuest, L0Config, kmalloc_max_size
 from nestmmu.core.sim import InProcessCluster
 
 if TYPE_CHECKING:
@@ -508,6 +508,58 @@ def test_rpt_smaller_size_bit_counts_toward_the_ceiling(forty_pages: GuestRig) -
     assert shadow_pages(forty_pages) == []
 
 
+@pytest.mark.parametrize("high", [1 << 32, 0xFFFF_FFFF_0000_0000, 0x7FFF_0000_0000_0000])
+def test_rpt_id_is_truncated_to_an_int_lpid(forty_pages: GuestRig, high: int) -> None:
+    """kvmppc_h_rpt_invalidate passes the unsigned long id to do_h_rpt_invalidate_pat, which
+    hands it to __find_nested / kvmhv_get_nested / kvmhv_emulate_tlbie_tlb_addr as an int:
+    the high 32 bits are dropped, so the flush reaches the guest with the low 32 bits."""
+    rig = forty_pages
+    unknown = rig.cluster.l0.stats["rpt.unknown_lpid"]
+    rc = rpt(rig, NESTED_TLB, pg_sizes=f.H_RPTI_PAGE_64K, start=5 * PAGE, end=6 * PAGE, lpid=high | rig.lpid)
+    assert rc == H.SUCCESS
+    assert shadow_pages(rig) == [i * PAGE for i in range(40) if i != 5]
+    assert rig.cluster.l0.stats["rpt.unknown_lpid"] == unknown
+
+
+def test_rpt_id_with_bit_31_is_a_negative_lpid_and_a_successful_no_op(forty_pages: GuestRig) -> None:
+    """kernel_int(id) < 0: __find_nested finds nothing, so the request succeeds untouched."""
+    rig = forty_pages
+    unknown = rig.cluster.l0.stats["rpt.unknown_lpid"]
+    for id_ in (0x8000_0000 | rig.lpid, f.U64):
+        assert rpt(rig, NESTED_TLB | f.H_RPTI_TYPE_PWC | f.H_RPTI_TYPE_PAT, lpid=id_) == H.SUCCESS
+    assert len(shadow_pages(rig)) == 40
+    assert rig.cluster.l0.stats["rpt.unknown_lpid"] == unknown + 2
+
+
+@pytest.mark.parametrize("buggy", [False, True])
+def test_rpt_range_reaching_the_top_of_the_address_space(buggy: bool) -> None:
+    """do_tlb_invalidate_nested_tlb steps ``addr += page_size`` as a u64: a range whose
+    pages reach 2^64 wraps addr to 0, and as every address of that page class is below
+    ``end`` the loop never ends (the hcall never returns; its sweep invalidates the whole
+    guest again and again).  Correct by default: stop at the top of the address space;
+    KernelBugs.rpt_range_addr_wraps gives the kernel's endless loop (HCALL_NEVER_RETURNS)."""
+    c = InProcessCluster(L0Config(bugs=KernelBugs(rpt_range_addr_wraps=buggy)))
+    c.add_l1("a")
+    lpid = c.create_guest("a", page_shift=16)
+    s = c.attach_vcpu("a", lpid, 0)
+    for i in range(4):
+        assert c.access(s, i * PAGE, Access.LOAD).outcome is Outcome.FILL
+    vm = c.vms["a"]
+    start, end = f.U64 + 1 - 2 * PAGE, f.U64  # two 64K pages: nr_pages = 1 < 33
+    rc = c.drive(c.l0.h_rpt_invalidate(vm, lpid, f.H_RPTI_TARGET_CMMU, NESTED_TLB, f.H_RPTI_PAGE_64K, start, end))
+    c.deliver(c.l0.take_invalidations())
+    leaves = [sl.gpa for sl in c.l0.shadow_leaves(s.gp)]
+    if buggy:
+        assert rc == HCALL_NEVER_RETURNS
+        assert leaves == [] and len(s.vcpu.tlb) == 0
+        assert c.l0.stats["rpt.addr_wrap_never_returns"] == 1
+    else:
+        assert rc == H.SUCCESS
+        assert leaves == [i * PAGE for i in range(4)]  # nothing of the guest lies up there
+        assert c.l0.stats["rpt.addr_wrap_never_returns"] == 0
+    assert c.audit().ok
+
+
 @pytest.mark.parametrize("target", [f.H_RPTI_TARGET_CMMU, f.H_RPTI_TARGET_NMMU])
 def test_rpt_without_nested_is_process_scoped_success(mapped: GuestRig, target: int) -> None:
     rc = rpt(mapped, f.H_RPTI_TYPE_TLB | f.H_RPTI_TYPE_PWC, start=0, end=f.U64, target=target)
@@ -548,10 +600,53 @@ def test_copy_eaddr_top_bits_is_parameter(rig: GuestRig, eaddr: int) -> None:
     assert copy(rig, eaddr, SCRATCH, 0, 8) == H.PARAMETER
 
 
-def test_copy_more_than_4_mib_is_no_mem(rig: GuestRig) -> None:
-    assert copy(rig, 0, SCRATCH, 0, (4 << 20) + 1) == H.NO_MEM
-    # Exactly 4 MiB passes the allocation check and fails later (nothing faulted in).
-    assert copy(rig, 0, SCRATCH, 0, 4 << 20) == H.NOT_FOUND
+@pytest.mark.parametrize("page_shift", [16, 12])
+def test_copy_above_kmalloc_max_size_is_no_mem(page_shift: int) -> None:
+    """kvmhv_copy_tofrom_guest_nested: kzalloc(n) fails above KMALLOC_MAX_SIZE =
+    1 << (MAX_PAGE_ORDER + PAGE_SHIFT) (include/linux/slab.h), with ppc64's
+    ARCH_FORCE_MAX_ORDER 8 for 64K pages and 12 for 4K pages: 16 MiB either way (the
+    model used to cap at 4 MiB)."""
+    assert kmalloc_max_size(page_shift) == 16 << 20
+    c = InProcessCluster(L0Config(page_shift=page_shift))
+    c.add_l1("a")
+    lpid = c.create_guest("a", page_shift=16)
+    c.attach_vcpu("a", lpid, 0)
+    vm = c.vms["a"]
+
+    def copy_n(n: int, to_gpa: int = SCRATCH, from_gpa: int = 0) -> int:
+        rc: int = c.drive(c.l0.h_copy_tofrom_guest(vm, lpid, 0, 0, to_gpa, from_gpa, n))
+        return rc
+
+    assert copy_n((16 << 20) + 1) == H.NO_MEM
+    assert copy_n((16 << 20) + 1, 0, SCRATCH) == H.NO_MEM
+    # Up to 16 MiB the allocation succeeds; the copy fails later (nothing faulted in).
+    assert copy_n(16 << 20) == H.NOT_FOUND
+    assert copy_n((4 << 20) + 1) == H.NOT_FOUND
+
+
+def test_copy_from_guest_marks_the_l1_buffer_dirty(rig: GuestRig) -> None:
+    """kvmhv_copy_tofrom_guest_nested writes L1's buffer with kvm_vcpu_write_guest, which
+    marks every page it writes in the dirty log (mark_page_dirty_in_slot)."""
+    c, vm = rig.cluster, rig.vm
+    c.l0.set_dirty_logging(vm, 0, True)
+    c.deliver(c.l0.take_invalidations())
+    fault_in(rig, 3 * PAGE, Access.STORE)
+    c.l0.harvest_dirty(vm, 0)
+    c.deliver(c.l0.take_invalidations())
+    assert c.l0.harvest_dirty(vm, 0) == []
+    # A copy straddling two L1 pages of the buffer dirties both.
+    buf = SCRATCH + PAGE - 8
+    assert copy(rig, 3 * PAGE, buf, 0, 16) == H.SUCCESS
+    assert c.l0.harvest_dirty(vm, 0) == [SCRATCH, SCRATCH + PAGE]
+    # Copying *to* the L2 only reads L1's buffer (kvm_vcpu_read_guest): L0 dirties nothing
+    # of it (the L2's page is written through the shadow leaf, which needs C: the harvest
+    # cleared it, so store once more first -- faults are disabled in the copy).
+    fault_in(rig, 3 * PAGE, Access.STORE)
+    assert copy(rig, 3 * PAGE, 0, buf, 16) == H.SUCCESS
+    assert not {SCRATCH, SCRATCH + PAGE} & set(c.l0.harvest_dirty(vm, 0))
+    # A failed copy writes nothing and dirties nothing.
+    assert copy(rig, 9 * PAGE, SCRATCH, 0, 8) == H.NOT_FOUND
+    assert c.l0.harvest_dirty(vm, 0) == []
 
 
 def test_copy_unknown_guest_is_parameter(rig: GuestRig) -> None:

@@ -7,6 +7,7 @@ from _helpers_fault import Env, base_page_memslots, make_env
 from nestmmu.core import formats as f
 from nestmmu.core.effects import Outcome
 from nestmmu.core.formats import Access
+from nestmmu.core.l0 import L0Config
 
 
 def fill(e: Env, addrs: list[int], kind: Access = Access.LOAD) -> None:
@@ -130,7 +131,10 @@ def test_harvest_returns_stored_pages_clears_c_everywhere_and_refaults_the_next_
     assert tlb is not None and tlb.pte & f.PTE_C
     seq = e.vm.mmu_invalidate_seq
 
-    assert e.host(e.l0.harvest_dirty, e.vm, 0) == [l1_stored]
+    l1_loaded = e.l1_gpa(loaded)
+    # The load instantiated L0's PTE writable (host write upgrade), hence with C
+    # (kvmppc_book3s_instantiate_page): KVM reports the loaded page dirty too.
+    assert e.host(e.l0.harvest_dirty, e.vm, 0) == sorted([l1_stored, l1_loaded])
 
     assert e.vm.mmu_invalidate_seq == seq + 1
     l0 = e.l0_pte(l1_stored)
@@ -138,7 +142,9 @@ def test_harvest_returns_stored_pages_clears_c_everywhere_and_refaults_the_next_
     assert l0 is not None and not l0.pte & f.PTE_C
     assert sh is not None and not sh.pte & f.PTE_C
     assert e.tlb(stored) is None  # the entry with C was flushed
-    assert e.tlb(loaded) is not None  # the clean one was not
+    # kvmhv_update_nest_rmap_rc_list tlbies every shadow leaf it finds on a dirty L0 page,
+    # with or without C: the loaded page's entry went too.
+    assert e.tlb(loaded) is None
     assert e.l1_leaf(stored).pte & f.PTE_C  # L1's tree is L1's business
     assert e.c.audit().ok
 
@@ -183,3 +189,20 @@ def test_every_host_event_bumps_mmu_invalidate_seq() -> None:
     seqs.append(vm.mmu_invalidate_seq)
     assert seqs == list(range(seqs[0], seqs[0] + 6))
     assert vm.mmu_invalidate_in_progress == 0
+
+
+def test_harvest_after_a_load_only_access_reports_the_page_dirty() -> None:
+    """kvmppc_book3s_instantiate_page maps a read fault writable when the host gives the
+    write upgrade, and then sets C (writing || upgrade_write): KVM's dirty log reports a page
+    L2 only loaded from.  Without the upgrade the PTE is read-only and clean."""
+    for upgrade in (True, False):
+        e = make_env(L0Config(host_write_upgrade=upgrade), memslots=base_page_memslots())
+        e.host(e.l0.set_dirty_logging, e.vm, 0, True)
+        e.run(0x10000, Access.LOAD)
+        l1_gpa = e.l1_gpa(0x10000)
+        l0 = e.l0_pte(l1_gpa)
+        assert l0 is not None and bool(l0.pte & f.PTE_EAA_RW) == upgrade and bool(l0.pte & f.PTE_C) == upgrade
+        sh = e.shadow(0x10000)
+        assert sh is not None and not sh.pte & f.PTE_C  # the shadow gets C only on a store
+        assert e.host(e.l0.harvest_dirty, e.vm, 0) == ([l1_gpa] if upgrade else [])
+        assert e.c.audit().ok

@@ -145,6 +145,44 @@ def test_thp_collapse_makes_the_fault_resume_the_guest_once() -> None:
     assert e.l0.stats["thp_collapse_retry"] == 1 and e.l0.stats["shadow_inserted"] == 1
 
 
+def test_thp_collapse_invalidates_l0_leaf_and_shadow_leaves_before_the_pte_goes() -> None:
+    """khugepaged's collapse_huge_page calls mmu_notifier_invalidate_range_start: KVM's
+    kvm_unmap_radix unmaps L0's leaf for the host page and, via the rmap
+    (kvmhv_remove_nest_rmap_range), every shadow leaf built on it, with their tlbies; the
+    range end bumps mmu_invalidate_seq.  (The model used to leave both leaves in place.)"""
+    e = make_env()  # 2M THP-backed RAM
+    pages = [0x10000, 0x20000]
+    for p in pages:
+        assert e.access(p, Access.STORE).outcome is Outcome.FILL
+    l1_gpa = e.l1_gpa(0x10000)
+    l0 = e.l0_pte(l1_gpa)
+    assert l0 is not None and l0.shift == 21 and len(e.shadow_leaves()) == 2
+    seq = e.vm.mmu_invalidate_seq
+
+    assert e.host(e.l0.host_thp_collapse, e.vm, l1_gpa) == 1
+
+    assert e.l0_pte(l1_gpa) is None
+    assert e.shadow_leaves() == []
+    assert all(e.tlb(p) is None for p in pages)
+    assert e.l0.stats["rmap_shadow_unmapped"] == 2
+    assert e.vm.mmu_invalidate_seq == seq + 1
+    assert e.c.audit().ok
+    # The host PTE is still absent for the next fault (§9.11): it resumes the guest once.
+    assert e.access(0x10000, Access.LOAD).outcome is Outcome.FILL
+    assert e.l0.stats["thp_collapse_retry"] == 1
+    assert e.c.audit().ok
+
+
+def test_thp_collapse_while_logging_records_the_dirty_page() -> None:
+    """kvmppc_unmap_pte marks a page with C in the dirty log when it unmaps it."""
+    e = make_env()
+    e.host(e.l0.set_dirty_logging, e.vm, 0, True)
+    e.run(0x10000, Access.STORE)
+    l1_gpa = e.l1_gpa(0x10000)
+    e.host(e.l0.host_thp_collapse, e.vm, l1_gpa)
+    assert l1_gpa in e.host(e.l0.harvest_dirty, e.vm, 0)
+
+
 # ---------------------------------------------------------------- §9.14 lpid 0
 def test_l1_lpid_0_is_accepted_and_its_zero_rmap_entry_still_works() -> None:
     c = InProcessCluster()
@@ -215,3 +253,47 @@ def test_l1_remap_without_tlbie_ors_old_and_new_rpn_in_the_shadow_leaf() -> None
     sh = e.shadow(p)
     assert sh is not None and sh.pte & f.PTE_RPN_MASK == old_rpn | new_rpn
     assert "I1" in e.violations()
+
+
+@pytest.mark.parametrize("buggy", [False, True])
+def test_zero_rmap_node_ends_the_kernels_list_walk(buggy: bool) -> None:
+    """for_each_nest_rmap_safe assumes non-zero entries: an L1 guest with lpid 0 gets the
+    all-zero entry (lpid 0, n_gpa 0) for its page 0, and when that entry is a list node
+    (not the first entry of its gfn) the walk in kvmhv_remove_nest_rmap_range stops there.
+    The older entry -- lpid 1's shadow leaf on the same L1 page -- is never unmapped: its
+    shadow leaf and TLB entry outlive the host page.  Correct by default; the kernel's walk
+    with KernelBugs.rmap_zero_entry_ends_walk."""
+    c = InProcessCluster(L0Config(bugs=KernelBugs(rmap_zero_entry_ends_walk=buggy)))
+    l1 = c.add_l1("a")
+    lpid1 = c.create_guest("a", page_shift=16)
+    s1 = c.attach_vcpu("a", lpid1, 0)
+    assert c.access(s1, 0x30000, Access.LOAD).outcome is Outcome.FILL
+    l1_gpa = l1.guests[lpid1].backing[3]
+    # lpid 0's page 0 is backed by the same L1 page.
+    tree = RadixTable(l1.mem, l1.alloc, 16)
+    l1.guests[0] = L2Guest(0, 16, 64 * MiB, tree, backing={0: l1_gpa})
+    l1._write_pate(0, tree.pate_dw0(), f.make_pate_dw1())
+    s0 = c.attach_vcpu("a", 0, 1)
+    assert c.access(s0, 0x0, Access.LOAD).outcome is Outcome.FILL
+    vm = c.vms["a"]
+    l0slot = vm.pgtable.lookup_leaf(l1_gpa)
+    assert l0slot is not None
+    gfn = l0slot.gpa >> 16
+    assert vm.memslots[0].rmap[gfn] == [f.rmap_entry(lpid1, 0x30000), 0]  # 0 is a list node
+    # What every walk of this gfn sees (unmap, R/C update, the insert's dedup): nothing at
+    # all in the kernel, whose walk starts at the newest node -- the zero one.
+    walked = c.l0.for_each_nest_rmap_safe(vm.memslots[0].rmap[gfn])
+    assert walked == ([] if buggy else [f.rmap_entry(lpid1, 0x30000), 0])
+
+    c.l0.host_unmap(vm, l1_gpa)
+    c.deliver(c.l0.take_invalidations())
+
+    survivors = len(c.l0.shadow_leaves(s0.gp)) + len(c.l0.shadow_leaves(s1.gp))
+    if buggy:
+        assert survivors == 2 and len(s1.vcpu.tlb) == 1
+        assert c.l0.stats["rmap_walk_ended_at_zero"] >= 1 and c.l0.stats["rmap_entries_leaked"] == 2
+        assert "I1" in {v.invariant for v in c.audit().violations}
+    else:
+        assert survivors == 0 and len(s0.vcpu.tlb) == len(s1.vcpu.tlb) == 0
+        assert c.l0.stats["rmap_walk_ended_at_zero"] == 0 and c.l0.stats["rmap_entries_leaked"] == 0
+        assert c.audit().ok

@@ -54,7 +54,30 @@ EAGAIN = -11
 EINVAL = -22
 # Bits kvmppc_create_pte allows to differ when OR-ing into an existing leaf.
 PTE_BITS_MUST_MATCH = ~(f.PTE_EAA_RW | f.PTE_C | f.PTE_R) & f.U64
-KMALLOC_MAX_SIZE = 1 << 22
+# The page allocator's largest order on ppc64 (MAX_PAGE_ORDER = CONFIG_ARCH_FORCE_MAX_ORDER,
+# arch/powerpc/Kconfig: default 8 with PPC_64K_PAGES, 12 with 4K pages) by PAGE_SHIFT.
+PPC64_MAX_PAGE_ORDER = {16: 8, 12: 12}
+
+
+def kmalloc_max_size(page_shift: int) -> int:
+    """KMALLOC_MAX_SIZE for a ppc64 host with this PAGE_SHIFT (include/linux/slab.h).
+
+    KMALLOC_SHIFT_MAX = MAX_PAGE_ORDER + PAGE_SHIFT and KMALLOC_MAX_SIZE = 1 << that: the
+    largest block kmalloc can hand out (larger requests go to the page allocator, which
+    cannot give more than 2^MAX_PAGE_ORDER pages).  64K pages: 8 + 16; 4K pages: 12 + 12;
+    both 2^24 = 16 MiB.  (Before v6.4 MAX_ORDER was exclusive, with Kconfig defaults 9 and
+    13 and KMALLOC_SHIFT_MAX = MAX_ORDER + PAGE_SHIFT - 1: the same 16 MiB.)"""
+    return 1 << (PPC64_MAX_PAGE_ORDER[page_shift] + page_shift)
+
+
+# Not a PAPR return code: the kernel's hcall handler never returns (a KernelBugs loop).
+HCALL_NEVER_RETURNS = -(1 << 31)
+
+
+def kernel_int(value: int) -> int:
+    """An unsigned long hcall argument passed on as a C ``int``: the low 32 bits, signed."""
+    value &= 0xFFFF_FFFF
+    return value - (1 << 32) if value & 0x8000_0000 else value
 
 
 class ConfigError(ValueError):
@@ -74,6 +97,16 @@ class KernelBugs:
     # §9.10: kvmppc_unmap_free_pte (non-full teardown) unmaps each PTE using its frame address
     # as the guest address, so the tlbie misses the real translation.
     free_pte_tlbie_uses_hpa: bool = False
+    # §9.14: for_each_nest_rmap_safe stops at a list node whose rmap value is 0 (it assumes
+    # entries are non-zero), and an L1 may use lpid 0: an (lpid 0, n_gpa 0) entry that is not
+    # the oldest of its gfn hides every older entry from the walk (their shadow leaves
+    # survive a host unmap; dedup and R/C updates miss them; the unwalked nodes leak).
+    rmap_zero_entry_ends_walk: bool = False
+    # do_tlb_invalidate_nested_tlb steps ``addr += page_size`` in u64 arithmetic: a ranged
+    # H_RPT_INVALIDATE whose pages reach the top of the address space wraps to 0 and, as
+    # every address of its page class is then below ``end``, never ends (the L1 vCPU's hcall
+    # spins in L0, invalidating the whole guest over and over).
+    rpt_range_addr_wraps: bool = False
 
 
 @dataclass(frozen=True)
@@ -518,7 +551,11 @@ class L0Hypervisor:
             return H.P2
         return (yield from self.do_h_rpt_invalidate_pat(vm, id_, type_, pg_sizes, start, end))
 
-    def do_h_rpt_invalidate_pat(self, vm: L1Vm, lpid: int, type_: int, pg_sizes: int, start: int, end: int) -> Op[int]:
+    def do_h_rpt_invalidate_pat(self, vm: L1Vm, id_: int, type_: int, pg_sizes: int, start: int, end: int) -> Op[int]:
+        # The id arrives as an unsigned long but every function it reaches (__find_nested,
+        # kvmhv_get_nested, kvmhv_emulate_tlbie_tlb_addr) takes an int lpid: the high 32 bits
+        # are dropped and a set bit 31 makes it negative (no such guest).
+        lpid = kernel_int(id_)
         # An unknown LPID succeeds: L1 flushes when it writes a PATE, before H_ENTER_NESTED.
         if lpid not in vm.nested:
             self.stats["rpt.unknown_lpid"] += 1
@@ -544,11 +581,33 @@ class L0Hypervisor:
                 while True:
                     yield from self.kvmhv_emulate_tlbie_tlb_addr(vm, lpid, f.SHIFT_TO_AP[shift], addr >> 12)
                     addr += 1 << shift
+                    if addr > f.U64:
+                        # The u64 addition wrapped: the range reached the top of the space.
+                        if not self.bugs.rpt_range_addr_wraps:
+                            break  # correct: nothing lies above the top
+                        return (yield from self._rpt_wrapped_loop(vm, lpid))
                     if addr >= end:
                         break
                 ret = H.SUCCESS
             return ret
         return H.SUCCESS
+
+    def _rpt_wrapped_loop(self, vm: L1Vm, lpid: int) -> Op[int]:
+        """KernelBugs.rpt_range_addr_wraps: addr wrapped to below ``end`` and stays there (all
+        its page class lies below ``end``), so do_tlb_invalidate_nested_tlb never returns.  Its
+        endless sweep invalidates every shadow leaf of the guest; the model does one sweep
+        and answers HCALL_NEVER_RETURNS (the L1 vCPU would be stuck in the hcall)."""
+        self.stats["rpt.addr_wrap_never_returns"] += 1
+        gp = yield from self.kvmhv_get_nested(vm, lpid, create=False)
+        if gp is not None:
+            yield AcquireTlbLock(gp)
+            table = gp.shadow_pgtable
+            if table is not None:
+                for slot in list(table.leaves()):
+                    self.kvmppc_unmap_pte(vm, table, slot.addr, slot.pte, slot.gpa, slot.shift, gp.shadow_lpid)
+            yield ReleaseTlbLock(gp)
+            self.kvmhv_put_nested(gp)
+        return HCALL_NEVER_RETURNS
 
     def h_copy_tofrom_guest(self, vm: L1Vm, lpid: int, pid: int, eaddr: int, to_gpa: int, from_gpa: int, n: int) -> Op[int]:
         """H_COPY_TOFROM_GUEST: a quadrant access through the *shadow* table, faults disabled.
@@ -564,7 +623,8 @@ class L0Hypervisor:
             return H.PARAMETER
         if eaddr & (0xFFF << 52):
             return H.PARAMETER
-        if n < 0 or n > KMALLOC_MAX_SIZE:
+        # kzalloc(n, GFP_KERNEL | __GFP_NOWARN) fails above KMALLOC_MAX_SIZE.
+        if n < 0 or n > kmalloc_max_size(self.page_shift):
             return H.NO_MEM
         gp = yield from self.kvmhv_get_nested(vm, lpid, create=False)
         if gp is None:
@@ -600,9 +660,22 @@ class L0Hypervisor:
             ok = yield WriteL1Memory(vm, to_gpa, b"".join(parts))
             if not ok:
                 rc = H.NOT_FOUND
+            else:
+                self.mark_page_dirty(vm, to_gpa, n)
         yield ReleaseTlbLock(gp)
         self.kvmhv_put_nested(gp)
         return rc
+
+    def mark_page_dirty(self, vm: L1Vm, gpa: int, n: int) -> None:
+        """kvm_vcpu_write_guest -> mark_page_dirty_in_slot: L0 wrote ``n`` bytes of L1 memory
+        at ``gpa`` itself (not through L1's partition-scoped table, so no C bit records it):
+        each base page written goes into its memslot's dirty log when logging is on."""
+        ps = self.page_size
+        for page in range(gpa & ~(ps - 1), gpa + n, ps):
+            memslot = vm.memslot_for(page)
+            if memslot is not None and memslot.dirty_logging:
+                memslot.dirty.add(page >> self.page_shift)
+                self.stats["dirty_marked_by_l0_write"] += 1
 
     # ================================================================ nested guest registry
     def kvmhv_update_ptbl_cache(self, gp: KvmNestedGuest) -> Op[None]:
@@ -1069,13 +1142,16 @@ class L0Hypervisor:
             level = 0
             # Bring over the offset inside a larger host page to get the base page we want.
             hpa = hpa_base + ((gpa - chunk) & ~((1 << page_shift) - 1))
-        writable = not kvm_ro
+        # Always +X +R.  A read fault keeps write permission only when the host gives a
+        # writable upgrade (__kvm_faultin_pfn's *writable); whenever the PTE ends up writable
+        # -- ``writing || upgrade_write`` -- it gets C too (_PAGE_DIRTY): the host page is
+        # dirtied at once (set_page_dirty_lock) so the guest's first store needs no SET_RC.
+        upgrade_write = self.config.host_write_upgrade and not kvm_ro
         perms = f.PTE_EAA_READ | f.PTE_EAA_EXEC
         rc = f.PTE_R
-        if (writing or self.config.host_write_upgrade) and writable:
+        if (writing or upgrade_write) and not kvm_ro:
             perms |= f.PTE_EAA_RW
-            if writing:
-                rc |= f.PTE_C
+            rc |= f.PTE_C
         pte = f.PTE_V | f.PTE_L | hpa | perms | rc
         lshift = level_to_shift(level, page_shift)
         ret = self.kvmppc_create_pte(vm, vm.pgtable, pte, gpa & ~((1 << lshift) - 1), level, mmu_seq, vm.lpid, None, 0)
@@ -1198,9 +1274,27 @@ class L0Hypervisor:
         table.free_table(tbl, level)
 
     # ================================================================ nested rmap
+    def for_each_nest_rmap_safe(self, entries: list[int]) -> list[int]:
+        """The rmap entries of one gfn that the kernel's list walk visits.
+
+        Kernel layout: the first entry of a gfn sits inline (tagged with
+        RMAP_NESTED_IS_SINGLE_ENTRY, so never 0); later ones are list nodes pushed at the
+        head, the inline value becoming the tail.  The walk goes newest first and stops at a
+        node whose rmap value is 0 -- an (lpid 0, n_gpa 0) entry (§9.14).  Correct by default:
+        every entry; ``KernelBugs.rmap_zero_entry_ends_walk`` gives the kernel's walk."""
+        if not self.bugs.rmap_zero_entry_ends_walk or len(entries) < 2 or 0 not in entries[1:]:
+            return list(entries)
+        out: list[int] = []
+        for entry in reversed(entries[1:]):  # the list nodes, newest first
+            if entry == 0:
+                self.stats["rmap_walk_ended_at_zero"] += 1
+                return out
+            out.append(entry)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def kvmhv_insert_nest_rmap(self, memslot: Memslot, gfn: int, n_rmap: int) -> None:
         lst = memslot.rmap.setdefault(gfn, [])
-        if n_rmap in lst:  # dedup on lpid + n_gpa bounds growth
+        if n_rmap in self.for_each_nest_rmap_safe(lst):  # dedup on lpid + n_gpa bounds growth
             return
         lst.append(n_rmap)
         self.stats["rmap_inserted"] += 1
@@ -1222,10 +1316,13 @@ class L0Hypervisor:
         page_shift = self.page_shift
         gfn = gpa >> page_shift
         for g in range(gfn, gfn + (nbytes >> page_shift)):
-            entries = memslot.rmap.pop(g, None)
+            entries = memslot.rmap.pop(g, None)  # llist_del_all: the whole list is detached
             if not entries:
                 continue
-            for entry in entries:
+            walked = self.for_each_nest_rmap_safe(entries)
+            # Nodes the walk never reached are neither processed nor freed (§9.14).
+            self.stats["rmap_entries_leaked"] += len(entries) - len(walked)
+            for entry in walked:
                 found = self._find_nested_pte(vm, f.rmap_entry_lpid(entry), f.rmap_entry_gpa(entry))
                 if found is None or (found[1].pte & addr_mask) != hpa:
                     self.stats["rmap_stale_skipped"] += 1
@@ -1239,7 +1336,7 @@ class L0Hypervisor:
         """Clear/set R/C in every shadow PTE still mapping this host page (rmap kept)."""
         mask = f.PTE_RPN_MASK & ~(nbytes - 1)
         hpa &= mask
-        for entry in memslot.rmap.get(gfn, ()):
+        for entry in self.for_each_nest_rmap_safe(memslot.rmap.get(gfn, [])):
             l1_lpid = f.rmap_entry_lpid(entry)
             found = self._find_nested_pte(vm, l1_lpid, f.rmap_entry_gpa(entry))
             if found is None or (found[1].pte & mask) != hpa:
@@ -1410,13 +1507,31 @@ class L0Hypervisor:
         self.stats["host_migrate" if migrate else "host_unmap"] += 1
         return removed, old, new, chunk
 
-    def host_thp_collapse(self, vm: L1Vm, gpa: int) -> None:
-        """Make the host PTE for gpa transiently absent (§9.11) for the next instantiate."""
+    def host_thp_collapse(self, vm: L1Vm, gpa: int) -> int:
+        """khugepaged collapses the host page backing gpa (§9.11).
+
+        collapse_huge_page brackets the PMD clear with mmu_notifier_invalidate_range_start /
+        _end, so KVM (kvm_unmap_gfn_range -> kvm_unmap_radix) unmaps L0's leaf for the range
+        and, through the rmap, every shadow leaf built on it, with their tlbies, and the end
+        bumps mmu_invalidate_seq.  Then the host PTE stays absent until the huge page is
+        installed: the next instantiate finds no host PTE and resumes the guest.  The model
+        keeps the data in the same frame (the copy into the new huge page is not modelled).
+        Returns the number of L0 PTEs removed."""
         memslot = vm.memslot_for(gpa)
         if memslot is None:
             raise ConfigError(f"L1 {vm.name!r} has no memslot at {gpa:#x}")
         shift = self._backing_shift(memslot)
-        vm.thp_collapsing.add(gpa & ~((1 << shift) - 1))
+        chunk = gpa & ~((1 << shift) - 1)
+        vm.mmu_invalidate_in_progress += 1  # mmu_notifier_invalidate_range_start
+        removed = 0
+        for slot in list(vm.pgtable.leaves(chunk, chunk + (1 << shift))):
+            self.kvmppc_unmap_pte(vm, vm.pgtable, slot.addr, slot.pte, slot.gpa, slot.shift, vm.lpid, memslot)
+            removed += 1
+        vm.mmu_invalidate_in_progress -= 1  # mmu_notifier_invalidate_range_end
+        vm.mmu_invalidate_seq += 1
+        vm.thp_collapsing.add(chunk)  # the PMD is absent until the collapse completes
+        self.stats["host_thp_collapse"] += 1
+        return removed
 
     def memslot_by_index(self, vm: L1Vm, index: int) -> Memslot:
         for s in vm.memslots:

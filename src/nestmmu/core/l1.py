@@ -390,14 +390,16 @@ class L1Hypervisor:
         return None if slot is None else (slot.addr, slot.pte)
 
     def instantiate(self, guest: L2Guest, n_gpa: int, writing: bool) -> int:
-        """Linux-as-L1's instantiate for its L2: back the page, insert a leaf (R; C if store).
+        """Linux-as-L1's kvmppc_book3s_instantiate_page for its L2: back the page, insert a
+        leaf with R, and with C whenever the leaf is writable (see :func:`leaf_c`).
 
-        Returns the leaf as it is afterwards (see :meth:`_create_leaf` when one was there)."""
+        ``writing`` does not change the leaf: L1's host page is writable whenever L1 grants
+        RW (the write upgrade), so a load builds the same leaf as a store.  Returns the leaf
+        as it is afterwards (see :meth:`_create_leaf` when one was there)."""
         page = n_gpa >> guest.page_shift
         perms = self._page_perms(guest, page)
         l1_gpa = self._backing_for(guest, page)
-        rc = f.PTE_R | (f.PTE_C if writing and perms & f.PTE_EAA_RW else 0)
-        pte = f.make_pte(l1_gpa, perms, r=bool(rc & f.PTE_R), c=bool(rc & f.PTE_C))
+        pte = f.make_pte(l1_gpa, perms, r=True, c=leaf_c(perms))
         return self._create_leaf(self._leaf_slot(guest, page << guest.page_shift), pte)
 
     def _create_leaf(self, addr: int, pte: int) -> int:
@@ -553,7 +555,9 @@ class L1Hypervisor:
             return False, []  # ROM and MMIO mappings do not move
         old_gpa = guest.backing.pop(page)
         new_gpa = self._backing_for(guest, page)
-        new_pte = (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa
+        # In Linux-as-L1 the move unmaps the leaf and the next fault instantiates a new one;
+        # the model installs that leaf now, so it gets what instantiate gives: C iff writable.
+        new_pte = (leaf[1] & ~f.PTE_RPN_MASK & ~f.PTE_C) | new_gpa | (f.PTE_C if leaf_c(leaf[1]) else 0)
         if guest.data:
             return True, self._migrate_page(guest, page, leaf[0], old_gpa, new_gpa, new_pte)
         self._free_backing(guest, page, old_gpa)
@@ -589,7 +593,7 @@ class L1Hypervisor:
         new_gpa = self._backing_for(guest, page)
         guest.busy.add(page)
         perms = self._page_perms(guest, page)
-        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        pte = f.make_pte(new_gpa, perms, r=True, c=leaf_c(perms))
         leaf_addr = self._leaf_slot(guest, page << guest.page_shift)
 
         def finish() -> None:
@@ -624,7 +628,7 @@ class L1Hypervisor:
         guest.busy.add(page)
         n_gpa = page << guest.page_shift
         perms = self._page_perms(guest, page)
-        pte = f.make_pte(new_gpa, perms, r=True, c=writing and bool(perms & f.PTE_EAA_RW))
+        pte = f.make_pte(new_gpa, perms, r=True, c=leaf_c(perms))
         leaf_addr = self._leaf_slot(guest, n_gpa)
 
         def finish() -> None:
@@ -772,6 +776,12 @@ class L1Hypervisor:
 
         copy = CopyToFromGuest(guest.lpid, 0, pc, self.last_inst_addr(vcpu_id), 0, 4, fetched)
         return ExitReply(ExitAction.L1_EMULATED, detail=f"L1 emulated MMIO at L2 address {n_gpa:#x}"), [copy]
+
+
+def leaf_c(perms: int) -> bool:
+    """C in a leaf Linux-as-L1 builds for its L2 (kvmppc_book3s_instantiate_page): set
+    whenever the leaf ends up writable (``writing || upgrade_write``), for loads too."""
+    return bool(perms & f.PTE_EAA_RW)
 
 
 def _collect(chunks: Iterator[tuple[int, list[Hcall]]]) -> tuple[int, list[Hcall]]:
