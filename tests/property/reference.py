@@ -243,6 +243,15 @@ class Reference:
             r1.l0_mapped.add(page)
             r1.stored.add(page)
 
+    def l0_wrote(self, l1: str, l1_addr: int) -> None:
+        """L0 wrote L1 memory itself (H_COPY_TOFROM_GUEST into L1's buffer, e.g. the
+        instruction Linux-as-L1 fetches for MMIO into ``vcpu->arch.last_inst``):
+        ``kvm_vcpu_write_guest`` marks the page dirty while logging is on."""
+        r1 = self.l1s[l1]
+        if r1.dirty_logging and r1.memslot_for(l1_addr) is r1.memslots[0]:
+            ps = self.l0_page_shift
+            r1.stored.add(l1_addr >> ps << ps)
+
     def host_unmap(self, l1: str, l1_addr: int) -> None:
         """The host unmapped (or moved) the page backing ``l1_addr``: L0's PTEs in that host
         page are gone (their C, if any, went to the dirty log: already counted dirty)."""

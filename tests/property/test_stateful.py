@@ -196,13 +196,25 @@ class NestedMmuMachine(RuleBasedStateMachine):
             self._attach(l1, lpid, i % 2)
 
     # ================================================================ L2 accesses
+    def _mmio_copies(self, l1: str) -> int:
+        return self.c.l1s[l1].stats.get("mmio.insn_copied", 0)
+
+    def _note_mmio_copies(self, s: VcpuSession, before: int) -> None:
+        """L1-emulated MMIO fetched its instruction with H_COPY_TOFROM_GUEST (whether the copy
+        found the L2 page is unit-tested in test_l1_linux); each successful copy wrote the
+        vCPU's last_inst word in L1 memory, which the dirty log must record."""
+        if self._mmio_copies(s.l1) > before:
+            self.ref.l0_wrote(s.l1, self.c.l1s[s.l1].last_inst_addr(s.vcpu.vcpu_id))
+
     @precondition(lambda self: self.c.sessions)
     @rule(data=st.data(), kind=st.sampled_from([LOAD, LOAD, STORE, STORE, 3]))
     def access(self, data: st.DataObject, kind: int) -> None:
         s = self._draw_session(data)
         addr = self._draw_addr(data, s.l1, s.l1_lpid)
         want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
+        copies = self._mmio_copies(s.l1)
         res = self.c.access(s, addr, Access(kind))
+        self._note_mmio_copies(s, copies)
         self.rcs[f"access.{res.outcome.name}"] += 1
         assert res.outcome is want, f"{s.name} {Access(kind).name} {addr:#x}: got {res.outcome.name} ({res.detail}), reference says {want.name}"
         self.ref.note_access(s.l1, s.l1_lpid, addr, kind, want, self._learn(s.l1, s.l1_lpid))
@@ -218,7 +230,9 @@ class NestedMmuMachine(RuleBasedStateMachine):
         kinds = data.draw(st.lists(st.sampled_from([LOAD, STORE, 3]), min_size=n, max_size=n), label="kinds")
         want = Counter(self.ref.classify(s.l1, s.l1_lpid, a, k) for a, k in zip(addrs, kinds, strict=True))
         before = Counter(s.vcpu.stats)
+        copies = self._mmio_copies(s.l1)
         self.c.run_batch(s, addrs, kinds)
+        self._note_mmio_copies(s, copies)
         d = Counter(s.vcpu.stats)
         d.subtract(before)
         got = {
@@ -439,10 +453,12 @@ class NestedMmuMachine(RuleBasedStateMachine):
 
         want = self.ref.classify(s.l1, s.l1_lpid, addr, kind)
         self.c.preempt_hook = hook
+        copies = self._mmio_copies(s.l1)
         try:
             res = self.c.access(s, addr, Access(kind))
         finally:
             self.c.preempt_hook = None
+        self._note_mmio_copies(s, copies)
         self.rcs[f"race.{event}.{'fired' if fired else 'idle'}"] += 1
         assert res.outcome is want, f"{s.name} {Access(kind).name} {addr:#x} racing {event}: got {res.outcome.name} ({res.detail}), reference says {want.name}"
         self.ref.note_access(s.l1, s.l1_lpid, addr, kind, want, self._learn(s.l1, s.l1_lpid))
