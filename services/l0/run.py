@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from nestmmu.core.effects import AccessResult, Outcome
+from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope
 from nestmmu.core.formats import Access
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.limits import MAX_BATCH, RUN_WORKER_SLICE_S
-from nestmmu.protos import l0_pb2
+from nestmmu.protos import common_pb2, l0_pb2
+from nestmmu.wire import SCOPE_FROM_PB
 
 from ..common import abort_invalid, new_request_id, request_id_var
 from . import data as data_mode
@@ -58,7 +59,7 @@ async def serve_run(
     svc.stats["run_streams_opened"] += 1
     structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
     log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
-    batches: asyncio.Queue[l0_pb2.AccessBatch | None] = asyncio.Queue()
+    batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None] = asyncio.Queue()
     reader = asyncio.create_task(read_run(st, it, batches))
     worker = asyncio.create_task(run_worker(svc, st, batches))
     try:
@@ -84,22 +85,30 @@ async def serve_run(
         structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
 
 
-async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None]) -> None:
     try:
         async for req in it:
             kind = req.WhichOneof("message")
             if kind == "batch":
                 batches.put_nowait(req.batch)
+            elif kind == "process_tlbie":  # in program order with the batches (worker)
+                batches.put_nowait(req.process_tlbie)
             elif kind == "ack":
                 st.ack(list(req.ack.invalidation_ids))
             elif kind == "tlb_dump":
                 fut = st.dumps.pop(req.tlb_dump.id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result([TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries])
+                    fut.set_result([tlb_entry_of(e) for e in req.tlb_dump.entries])
     except (grpc.aio.AioRpcError, asyncio.CancelledError):
         pass
     finally:
         batches.put_nowait(None)
+
+
+def tlb_entry_of(e: l0_pb2.TlbDumpEntry) -> TlbEntry:
+    """A dumped TLB entry; one without a PID (or PID -1) is a real-mode entry."""
+    pid = e.pid if e.HasField("pid") and e.pid >= 0 else -1
+    return TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte), pid, e.real_page_address if pid >= 0 else -1)
 
 
 def check_batch(b: l0_pb2.AccessBatch) -> str | None:
@@ -110,18 +119,59 @@ def check_batch(b: l0_pb2.AccessBatch) -> str | None:
         return f"invalid:batch.addresses:{n} accesses; at most {MAX_BATCH} (MAX_BATCH) per batch"
     if any(k not in (1, 2, 3) for k in b.kinds):
         return "invalid:batch.kinds:each kind must be 1 (load), 2 (store) or 3 (ifetch)"
-    if n and max(b.addresses) >= 1 << 52:
+    if b.virtual_mode and b.data:
+        return "invalid:batch.virtual_mode:data batches run in real mode (they are the L2 kernel's stores)"
+    # Effective addresses (virtual mode) are any 64-bit value: the walk itself judges them.
+    if n and not b.virtual_mode and max(b.addresses) >= 1 << 52:
         return "invalid:batch.addresses:L2 real addresses must be below 2^52"
     return None
 
 
-async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | None]) -> None:
+_TLBIE_SCOPES = (common_pb2.INVALIDATION_SCOPE_ADDRESS, common_pb2.INVALIDATION_SCOPE_PID)
+
+
+def check_process_tlbie(m: l0_pb2.ProcessTlbie) -> str | None:
+    for i, inv in enumerate(m.invalidations):
+        if not inv.prs:
+            return f"invalid:process_tlbie.invalidations[{i}].prs:an L2 guest issues only process-scoped tlbies (PRS=1); partition scope is its hypervisor's"
+        if inv.scope not in _TLBIE_SCOPES:
+            return f"invalid:process_tlbie.invalidations[{i}].scope:must be ADDRESS or PID"
+        if inv.pid < 0:
+            return f"invalid:process_tlbie.invalidations[{i}].pid:must be a PID (>= 0)"
+    return None
+
+
+async def run_process_tlbie(svc: L0Servicer, st: RunStream, m: l0_pb2.ProcessTlbie) -> None:
+    """An L2 OS's tlbie PRS=1 ...; tlbsync: the hardware tags it with the issuing vCPU's
+    LPIDR (the shadow LPID) and broadcasts it to every vCPU running that LPID; no hypervisor
+    is involved and no shadow PTE changes (shadow tables are partition scoped).  Done once
+    every live vCPU of the LPID acknowledged it, the issuer included."""
+    invs = [
+        Invalidation(st.lpid, SCOPE_FROM_PB[inv.scope], inv.address, inv.size_bytes, inv.reason or "l2_tlbie", prs=True, pid=inv.pid) for inv in m.invalidations
+    ]
+    waiters = svc.broadcast(invs)
+    if waiters:
+        await svc.wait_acks(waiters)
+    svc.stats["process_tlbies"] += len(invs)
+    if st.alive:
+        st.flush_results()
+        st.out.put_nowait(l0_pb2.RunResponse(process_tlbie_done=l0_pb2.ProcessTlbieDone(id=m.id, vcpus=len({w[0] for w in waiters}))))
+
+
+async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None]) -> None:
     core = svc.core
     try:
         while True:
             b = await batches.get()
             if b is None or not st.alive:
                 break
+            if isinstance(b, l0_pb2.ProcessTlbie):
+                err = check_process_tlbie(b)
+                if err:
+                    st.close(err)
+                    break
+                await run_process_tlbie(svc, st, b)
+                continue
             err = check_batch(b)
             if err:
                 st.close(err)
@@ -141,6 +191,9 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_p
                 continue
             gp = st.gp
             vcpu_id = st.vcpu_id
+            pid = b.pid if b.virtual_mode else -1  # PIDR in virtual mode; real mode: -1
+            if pid >= 0:
+                svc.stats["virtual_batches"] += 1
             n = 0
             slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
             for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
@@ -154,7 +207,7 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_p
                     st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
                     continue
                 try:
-                    await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), functools.partial(st.add_result, i))
+                    await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind), pid), functools.partial(st.add_result, i))
                 except (L1Gone, TimeoutError) as e:
                     st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
                     svc.stats["access_errors_l1_unavailable"] += 1

@@ -245,6 +245,26 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         log.info("guest_destroyed", lpid=request.lpid, pages=pages, hcall_rc=rc)
         return l1_pb2.DestroyGuestResponse(hcall_rc=rc, pages_changed=pages)
 
+    async def RegisterProcTbl(self, request: l1_pb2.RegisterProcTblRequest, context: Ctx) -> l1_pb2.RegisterProcTblResponse:
+        """H_REGISTER_PROC_TBL from the L2 kernel of guest ``lpid``: the core writes PATE dw1
+        and returns the LPID flush Linux-as-L1 issues after a PATE change; issued like any
+        other tree change (the audit does not judge the guest while it is in flight)."""
+        core = await self._core(context)
+        await self._guest(context, core, request.lpid)
+        try:
+            async with self.lock:
+                hcalls = core.h_register_proc_tbl(request.lpid, request.proc_tbl_dw1)
+                self.session.begin_tree_change(request.lpid, hcalls)
+        except ConfigError as e:  # a process table the hypervisor refuses: the hcall fails
+            log.info("register_proc_tbl_refused", lpid=request.lpid, dw1=hex(request.proc_tbl_dw1), reason=str(e))
+            return l1_pb2.RegisterProcTblResponse(hcall_rc=f.H.PARAMETER)
+        try:
+            rc = await self._issue(context, hcalls)
+        finally:
+            self.session.end_tree_change(request.lpid, hcalls)
+        log.info("proc_tbl_registered", lpid=request.lpid, dw1=hex(request.proc_tbl_dw1), hcall_rc=rc)
+        return l1_pb2.RegisterProcTblResponse(hcall_rc=rc)
+
     # ------------------------------------------------------------------ inspection
     async def GetGuest(self, request: l1_pb2.GetGuestRequest, context: Ctx) -> l1_pb2.GetGuestResponse:
         core = await self._core(context, need_l0=False)
