@@ -1,8 +1,9 @@
 """Seeded L2 workloads: the same spec and seed always give the same access sequence.
 
-Addresses are L2 *real* addresses (partition scope): L2's own process page tables are not
-modelled, so a trace of effective addresses (e.g. from ``valgrind --tool=lackey``) is folded
-into the guest's real address space modulo its footprint.
+Addresses are L2 *real* addresses (partition scope) by default: a trace of effective
+addresses (e.g. from ``valgrind --tool=lackey``) is then folded into the guest's real address
+space modulo its footprint.  With ``ea`` the addresses are effective addresses of one L2
+process (translated by the 2-D walk through the L2 OS's own tree): a trace replays unfolded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class WorkloadSpec:
     trace_path: str = ""
     data: bool = False  # data mode: stores carry values, loads are checked (see .data)
     data_fresh: bool = False  # data mode on a new guest: words never stored must read zero
+    # Effective addresses of one process (the vCPU runs with a PID): a trace replays as
+    # recorded, no folding into the footprint.
+    ea: bool = False
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -94,7 +98,7 @@ def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int
                 except StopIteration:
                     trace = iter(read_lackey(spec.trace_path))
                     a, k = next(trace, (0, Access.LOAD))
-                addrs.append(base + (a % fp))
+                addrs.append(a if spec.ea else base + (a % fp))
                 kinds.append(int(k))
                 continue
             if spec.pattern == "uniform":
