@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import formats as f
 from .audit import AuditReport, audit
@@ -37,6 +37,7 @@ from .effects import (
 from .formats import Access
 from .l0 import ConfigError, KvmNestedGuest, L0Config, L0Hypervisor, L1Vm, Memslot
 from .l1 import CopyL1Pages, GuestRegion, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate, default_memslots
+from .l2 import KernelOps, L2Kernel
 from .radix import WalkResult
 from .vcpu import Vcpu
 from .workload import WorkloadSpec, generate
@@ -64,6 +65,7 @@ class InProcessCluster:
         self.locks_held: set[int] = set()
         self.preempt_hook: Callable[[str], None] | None = None
         self.hcall_log: list[tuple[str, Hcall, int]] = []
+        self.kernels: dict[tuple[str, int], L2Kernel] = {}  # (L1 name, L1's lpid) -> L2 OS
 
     # ---------------------------------------------------------------- effects
     def answer(self, eff: Effect) -> Any:
@@ -161,8 +163,9 @@ class InProcessCluster:
         return self.issue_all(l1_name, self.l1s[l1_name].destroy_guest(lpid))
 
     # ---------------------------------------------------------------- vCPUs
-    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int) -> VcpuSession:
-        """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB."""
+    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int, pid: int = -1) -> VcpuSession:
+        """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB.
+        ``pid`` >= 0: the vCPU runs with translation on and PIDR = pid (see :meth:`access_ea`)."""
         l1 = self.l1s[l1_name]
         state = l1.hv_guest_state(lpid, vcpu_id)
         rc, gp = self.drive(self.l0.h_enter_nested(self.vms[l1_name], state))
@@ -172,7 +175,7 @@ class InProcessCluster:
         if name in self.sessions:
             self.l0.kvmhv_put_nested(gp)
             raise ConfigError(f"vCPU {name} is already attached")
-        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid), gp)
+        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid, pid), gp)
         self.sessions[name] = s
         return s
 
@@ -196,14 +199,86 @@ class InProcessCluster:
         return res
 
     def run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
-        """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds."""
+        """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds
+        (effective addresses of PIDR when the vCPU has one, with L2's page faults handled)."""
         vcpu = s.vcpu
         send = vcpu.run_hits(addrs, kinds)
         while send:
             for addr, kind in send:
+                if vcpu.pid >= 0:
+                    self.access_ea(s, addr, Access(kind))
+                    continue
                 res = self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access(kind)))
                 vcpu.apply(res)
             send = vcpu.next_round()
+
+    # ---------------------------------------------------------------- the L2 OS (2-D walk)
+    def boot_l2_kernel(self, s: VcpuSession, page_shift: int = 16, pids: tuple[int, ...] = (1,), **kw: Any) -> L2Kernel:
+        """Boot the L2 OS of the vCPU's guest: allocate its process table, register it with
+        L1 (H_REGISTER_PROC_TBL -> PATE dw1 + RIC=2 flush), create the processes ``pids``.
+        Table stores run on vCPU ``s`` as real-mode stores."""
+        key = (s.l1, s.l1_lpid)
+        if key in self.kernels:
+            raise ConfigError(f"guest {s.l1}/{s.l1_lpid} already runs an L2 kernel")
+        guest = self.l1s[s.l1].guest(s.l1_lpid)
+        k = L2Kernel(guest.memory, page_shift, **kw)
+        self.kernels[key] = k
+        self.apply_kernel_ops(s, k.setup())
+        self.issue_all(s.l1, self.l1s[s.l1].h_register_proc_tbl(s.l1_lpid, k.proc_tbl_dw1()))
+        for pid in pids:
+            self.apply_kernel_ops(s, k.create_process(pid))
+        return k
+
+    def kernel(self, s: VcpuSession) -> L2Kernel:
+        k = self.kernels.get((s.l1, s.l1_lpid))
+        if k is None:
+            raise ConfigError(f"guest {s.l1}/{s.l1_lpid} runs no L2 kernel: boot_l2_kernel first")
+        return k
+
+    def apply_kernel_ops(self, s: VcpuSession, ops: KernelOps) -> None:
+        """The L2 kernel's CPU work: its stores, as real-mode data stores through the access
+        path (they take nested faults like any L2 store), then its process-scoped tlbies,
+        which reach every vCPU running with the guest's shadow LPID."""
+        for addr, value in ops.stores:
+            self.real_store(s, addr, value)
+        self.stats["l2_kernel_stores"] += len(ops.stores)
+        self.deliver(ops.tagged(s.vcpu.lpid))
+
+    def real_store(self, s: VcpuSession, addr: int, value: int) -> None:
+        """One real-mode doubleword store by L2 (MSR[DR]=0) through TLB, shadow and faults."""
+        vcpu = s.vcpu
+        e = vcpu.tlb.lookup(vcpu.lpid, addr)
+        if e is not None and e.mask & (1 << Access.STORE):
+            host = e.host + (addr - e.page)
+        else:
+            res = cast(AccessResult, self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access.STORE)))
+            vcpu.apply(res)
+            t = res.translation
+            if res.outcome is not Outcome.FILL or t is None:
+                raise ConfigError(f"L2 kernel store at real address {addr:#x} failed: {res.outcome.name} {res.detail}")
+            host = t.host + (addr - t.page)
+        self.l0.data_store(host, value)
+
+    def access_ea(self, s: VcpuSession, ea: int, kind: Access, max_faults: int = 8) -> AccessResult:
+        """One effective-address access of PIDR that missed the TLB: the 2-D walk; a
+        process-scoped fault goes to the L2 kernel (do_page_fault), whose fix is applied and
+        the access retried.  Returns the last result (GUEST_FAULT = segfault)."""
+        vcpu = s.vcpu
+        k = self.kernels.get((s.l1, s.l1_lpid))
+        res = AccessResult(Outcome.ERROR, detail="no attempt")
+        for _ in range(max_faults):
+            res = cast(AccessResult, self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, ea, kind, pid=vcpu.pid)))
+            vcpu.apply(res)
+            if res.outcome is not Outcome.GUEST_FAULT or k is None:
+                return res
+            pid = 0 if ea >> f.EA_QUADRANT_SHIFT == 3 else vcpu.pid
+            ops = k.handle_fault(pid, ea, kind, res.dsisr)
+            if ops is None:
+                self.stats["l2_segv"] += 1
+                return res
+            self.apply_kernel_ops(s, ops)
+        self.stats["l2_fault_loops"] += 1
+        return res
 
     def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0, data: bool = False) -> Counter[str]:
         for addrs, kinds in generate(spec, vcpu_index):
