@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope
+from nestmmu.core.effects import AccessResult, Invalidation, Outcome
 from nestmmu.core.formats import Access
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.limits import MAX_BATCH, RUN_WORKER_SLICE_S

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from nestmmu.core import formats as f
 from nestmmu.core.data import DataMessage, DataVcpu
 from nestmmu.core.effects import AccessResult, Invalidation, Outcome, Scope, Translation
 from nestmmu.core.formats import Access
@@ -294,7 +295,9 @@ class RunStream:
                     self._access_error(f"guest fault at EA {addr:#x} still there after the L2 kernel handled it {MAX_GUEST_FAULT_ROUNDS} times")
                     continue
                 try:
-                    got = await self.guest.handle_fault(self, self._pid, addr, Access(kind), dsisr)
+                    # Quadrant 3 (EA bits 0:1 = 0b11) translates with PID 0, the kernel's own.
+                    pid = 0 if addr >> f.EA_QUADRANT_SHIFT == 3 else self._pid
+                    got = await self.guest.handle_fault(self, pid, addr, Access(kind), dsisr)
                 except KernelFailed as e:
                     self._access_error(str(e))
                     continue
@@ -324,9 +327,7 @@ class RunStream:
             raise VcpuFailed(self.failure)
         with self.lock:
             self._batch_id += 1
-            batch = l0_pb2.AccessBatch(
-                batch_id=self._batch_id, addresses=[addr], kinds=bytes([Access.STORE]), data=True, values=[value], host_addresses=[0]
-            )
+            batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=[addr], kinds=bytes([Access.STORE]), data=True, values=[value], host_addresses=[0])
             self._data_result = None
             self._data_outcome = ""
             self._sent = [(addr, int(Access.STORE))]
@@ -541,7 +542,9 @@ class RunStream:
         if self.closing:
             return
         entries = [
-            l0_pb2.TlbDumpEntry(lpid=e.lpid, page_address=e.page, host_address=e.host, page_shift=e.shift, pte=e.pte, pid=e.pid, real_page_address=max(e.real_page, 0))  # pid -1: real mode
+            l0_pb2.TlbDumpEntry(
+                lpid=e.lpid, page_address=e.page, host_address=e.host, page_shift=e.shift, pte=e.pte, pid=e.pid, real_page_address=max(e.real_page, 0)
+            )  # pid -1: real mode
             for e in self.vcpu.tlb.entries()
         ]
         self.out.put_nowait(l0_pb2.RunRequest(tlb_dump=l0_pb2.TlbDump(id=dump_id, entries=entries)))

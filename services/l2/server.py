@@ -237,7 +237,17 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             if rc != f.H.SUCCESS:
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
         guest = await self._guest_os(context, request.l1_address, lpid, created) if spec.virtual else None
-        log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed, virtual=spec.virtual, pid=spec.pid if spec.virtual else -1)
+        log.info(
+            "workload_started",
+            l1=request.l1_address,
+            lpid=lpid,
+            vcpus=request.vcpus,
+            pattern=spec.pattern,
+            accesses=spec.accesses,
+            seed=spec.seed,
+            virtual=spec.virtual,
+            pid=spec.pid if spec.virtual else -1,
+        )
         t0 = time.perf_counter()
         # vCPUs of one guest attach one at a time (see run_vcpu), then run concurrently.
         attach_lock = self._attach_locks.setdefault((request.l1_address, lpid), asyncio.Lock())

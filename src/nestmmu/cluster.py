@@ -562,6 +562,8 @@ class RawVcpu:
         self.error_reasons: dict[int, str] = {}  # ERROR outcomes' reasons, by index in their batch
         self.ended: str | None = None  # the reason L0 gave before ending the stream (RunEnded)
         self.error: grpc.aio.AioRpcError | None = None
+        #: Virtual mode: the L2 real page of each access of the last batch run (0 unless FILL).
+        self.real_pages: list[int] = []
         self._partial: list[l0_pb2.AccessResults] = []
         self._next = 1
         self.task = asyncio.create_task(self._loop())
@@ -597,15 +599,23 @@ class RawVcpu:
         except asyncio.CancelledError:
             pass
 
-    async def run(self, addrs: list[int], kinds: list[int], timeout: float = 30.0) -> list[tuple[int, int, int, int, int]]:
-        """Send one batch; return (outcome, page, host, flags, dsisr) per access, in order."""
+    async def run(self, addrs: list[int], kinds: list[int], timeout: float = 30.0, pid: int = -1) -> list[tuple[int, int, int, int, int]]:
+        """Send one batch; return (outcome, page, host, flags, dsisr) per access, in order.
+        ``pid`` >= 0: a virtual-mode batch (effective addresses of that PID); the L2 real page
+        of each fill is then in ``real_pages``."""
         bid = self._next
         self._next += 1
-        self.q.put_nowait(l0_pb2.RunRequest(batch=l0_pb2.AccessBatch(batch_id=bid, addresses=addrs, kinds=bytes(kinds))))
+        batch = l0_pb2.AccessBatch(batch_id=bid, addresses=addrs, kinds=bytes(kinds))
+        if pid >= 0:
+            batch.virtual_mode = True
+            batch.pid = pid
+        self.q.put_nowait(l0_pb2.RunRequest(batch=batch))
         parts = await asyncio.wait_for(self.done.get(), timeout)
         out: list[tuple[int, int, int, int, int]] = []
+        self.real_pages = []
         for p in parts:
             out += list(zip(p.outcomes, p.page_addresses, p.host_addresses, p.flags, p.dsisrs, strict=True))
+            self.real_pages += list(p.real_page_addresses) or [0] * len(p.outcomes)
         return out
 
     async def close(self) -> None:
