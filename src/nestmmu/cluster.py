@@ -385,8 +385,15 @@ async def run_default_workload(
     batch_size: int = 1024,
     data: bool = False,
     attached_audit: dict[str, Any] | None = None,
+    virtual: bool = False,
+    pid: int = 1,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
+
+    With ``virtual``, the vCPUs run process ``pid`` of each guest's L2 kernel: effective
+    addresses through the 2-D walk (a trace replays unfolded; the synthetic patterns span at
+    most ``VIRTUAL_FOOTPRINT`` of EAs, so the kernel's pages fit the guests); the guests are
+    data guests (their page tables are memory contents L1 must keep when it moves pages).
 
     With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
     With ``data``, the guests are data guests and the workloads run in data mode (checked).
@@ -394,12 +401,14 @@ async def run_default_workload(
     attached (the churn paused around it), so the vCPUs' TLBs are dumped and I5 is checked.
     """
     plan = plan or default_plan()
+    if virtual:
+        footprint = min(footprint, VIRTUAL_FOOTPRINT)
     jobs = []
     for name, addr in l1s.items():
         async with insecure_channel(addr) as ch:
             stub = l1_pb2_grpc.L1ServiceStub(ch)
             for g in plan:
-                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data)
+                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data or virtual)
                 for kind, start, size, r, w, x in g.regions:
                     req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)
                 resp = await stub.CreateGuest(req, timeout=DEADLINE)
@@ -430,6 +439,8 @@ async def run_default_workload(
                             batch_size=batch_size,
                             data=data,
                             data_fresh=data,  # the guests were created just above
+                            virtual_mode=virtual,
+                            pid=pid if virtual else 0,
                         ),
                     ),
                     timeout=600.0,
@@ -446,6 +457,9 @@ async def run_default_workload(
     return [r.report for r in results]
 
 
+#: Virtual mode: the most effective-address span the synthetic patterns use in the default
+#: plan (the L2 kernel of its 64K guest has 24 MiB of plain RAM for pages below the regions).
+VIRTUAL_FOOTPRINT = 16 << 20
 #: The audit taken while vCPUs run waits for this many shadow leaves (vCPUs well under way).
 ATTACHED_AUDIT_MIN_LEAVES = 64
 ATTACHED_AUDIT_POLL_S = 0.2
@@ -538,9 +552,34 @@ def summarize(
             "misplaced_writes": sum(r.misplaced_writes for r in reports),
             "details": [d for r in reports for d in r.lost_write_details][:16],
         }
+    if any(r.guest_faults or r.kernel_stores for r in reports):
+        out["virtual"] = virtual_summary(reports, counters)
     if aud is not None:
         out["audit"] = audit_summary(aud)
     return out
+
+
+def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, int]) -> dict[str, Any]:
+    """Virtual mode: what the L2 kernels did and what the 2-D walks cost (L0's counters).
+
+    ``walk_refs_2d`` counts every memory reference of L0's 2-D walks: ``walk_refs_process``
+    reads of L2's process table and tree entries and ``walk_refs_shadow`` reads of the shadow
+    table made to translate those entries' L2 real addresses and the final one."""
+    walks = counters.get("l0.walks_2d", 0)
+    refs = counters.get("l0.walk_refs_2d", 0)
+    return {
+        "guest_faults": sum(r.guest_faults for r in reports),
+        "guest_faults_handled": sum(r.guest_faults_handled for r in reports),
+        "segfaults": sum(r.segfaults for r in reports),
+        "kernel_stores": sum(r.kernel_stores for r in reports),
+        "process_tlbies": sum(r.process_tlbies for r in reports),
+        "walks_2d": walks,
+        "walk_refs_2d": refs,
+        "walk_refs_process": counters.get("l0.walk_refs_process", 0),
+        "walk_refs_shadow": counters.get("l0.walk_refs_shadow", 0),
+        "walk_refs_per_2d_walk": round(refs / walks, 2) if walks else 0,
+        "prtable_faults": counters.get("l0.prtable_faults", 0),
+    }
 
 
 class RawVcpu:

@@ -91,6 +91,36 @@ def test_demo_checks_the_trace_file_before_starting_anything(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--mode", "virtual", "--data"), "nestmmu demo: --data runs in real mode only (it checks L2 real addresses): add --mode real"),
+        (("--pid", "3"), "nestmmu demo: --pid needs virtual mode (--mode virtual, or --trace)"),
+        (("--mode", "real", "--pid", "3"), "nestmmu demo: --pid needs virtual mode (--mode virtual, or --trace)"),
+    ],
+)
+def test_demo_checks_the_translation_mode_before_starting_anything(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    r = run("demo", *args, tmp=tmp_path, timeout=20)
+    assert r.returncode == cli.EXIT_USAGE
+    assert one_line(r) == message
+    assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
+
+
+def test_a_trace_replays_in_virtual_mode_unless_real_mode_is_asked_for(tmp_path: Path) -> None:
+    """--trace defaults to virtual mode (a trace is a program's effective addresses); folding
+    into L2 real memory only with --mode real, which then also takes --data."""
+    trace = tmp_path / "t.txt"
+    trace.write_text(" L 10000000,8\n", encoding="utf-8")
+    p = cli.build_parser()
+    assert cli._virtual(p.parse_args(["demo", "--trace", str(trace)]))
+    assert not cli._virtual(p.parse_args(["demo", "--trace", str(trace), "--mode", "real"]))
+    assert not cli._virtual(p.parse_args(["demo"]))
+    assert cli._virtual(p.parse_args(["workload", "--l1", "127.0.0.1:1", "--l2", "127.0.0.1:2", "--mode", "virtual"]))
+    r = run("demo", "--trace", str(trace), "--data", tmp=tmp_path, timeout=20)
+    assert r.returncode == cli.EXIT_USAGE
+    assert one_line(r).endswith("add --mode real to fold the trace")
+
+
 @pytest.fixture(scope="module")
 def l2_only() -> Iterator[str]:
     """A lone L2 service: the wrong service for commands that want L0 or L1."""
