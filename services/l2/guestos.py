@@ -124,6 +124,16 @@ class GuestOs:
             raise KernelFailed(f"H_REGISTER_PROC_TBL for lpid {self.lpid} returned {resp.hcall_rc}")
         self._log.info("proc_tbl_registered", dw1=hex(dw1))
 
+    async def unmap(self, cpu: KernelCpu, pid: int, ea: int, length: int) -> tuple[int, int]:
+        """munmap / MADV_DONTNEED of [ea, ea + length): leaves cleared, then the process-scoped
+        tlbies (radix__flush_tlb_range) to every vCPU of the guest.  (stores, tlbies)."""
+        async with self.lock:
+            try:
+                ops = self.kernel.unmap(pid, ea, length)
+            except L2Error as e:
+                raise KernelFailed(f"L2 kernel: {e}") from e
+            return await self._perform(cpu, ops)
+
     async def handle_fault(self, cpu: KernelCpu, pid: int, ea: int, access: Access, dsisr: int) -> tuple[int, int] | None:
         """do_page_fault: demand-map or set R/C, performed; None = segfault (SIGSEGV)."""
         async with self.lock:

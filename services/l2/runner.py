@@ -186,6 +186,7 @@ class RunStream:
             if spec.data:
                 await self._run_data(spec, vcpu_index)
             batches = generate(spec, vcpu_index) if not spec.data else iter(())
+            nbatch = 0
             big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
             loop = asyncio.get_running_loop()
             while (got := await loop.run_in_executor(_GENERATOR, next, batches, None) if big else next(batches, None)) is not None:
@@ -208,6 +209,9 @@ class RunStream:
                             await asyncio.sleep(0)
                         with lock:
                             send += vcpu.rescan(again[lo : lo + SCAN_SLICE])
+                nbatch += 1
+                if self._pid >= 0 and spec.unmap_every and addrs and nbatch % spec.unmap_every == 0:
+                    await self._munmap(addrs[0])
                 await asyncio.sleep(0)  # other vCPUs and RPCs of this process (acks do not wait for this)
                 if self.failure is not None:
                     raise VcpuFailed(self.failure)
@@ -314,6 +318,21 @@ class RunStream:
                 with self.lock:
                     self.stats["guest_fault_retries"] += len(retry)
                 await self._round(retry)
+
+    async def _munmap(self, ea: int) -> None:
+        """The process drops the page holding ``ea`` (MADV_DONTNEED): the kernel clears its
+        leaf and flushes it from every vCPU of the guest (ProcessTlbie through L0)."""
+        assert self.guest is not None
+        pid = 0 if ea >> f.EA_QUADRANT_SHIFT == 3 else self._pid
+        try:
+            stores, tlbies = await self.guest.unmap(self, pid, ea, 1)
+        except KernelFailed as e:
+            self._access_error(str(e))
+            return
+        with self.lock:
+            self.stats["munmaps"] += 1
+            self.stats["kernel_stores"] += stores
+            self.stats["process_tlbies"] += tlbies
 
     def _access_error(self, why: str) -> None:
         with self.lock:

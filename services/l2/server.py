@@ -78,6 +78,7 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         data_fresh=w.data_fresh,
         virtual=w.virtual_mode,
         pid=w.pid or d.pid,
+        unmap_every=w.unmap_every,
     )
 
 
@@ -96,6 +97,8 @@ def field_of_spec_error(msg: str) -> str:
         return "workload.trace_path"
     if msg.startswith("pid"):
         return "workload.pid"
+    if msg.startswith("unmap_every"):
+        return "workload.unmap_every"
     if msg.startswith("virtual mode"):
         return "workload.virtual_mode"
     for word, fld in (

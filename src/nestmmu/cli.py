@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
-        q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
+        q.add_argument(
+            "--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations (nor, in virtual mode, L2 kernel munmaps) while the vCPUs run"
+        )
         q.add_argument("--data", action="store_true", help="data mode: stores carry values, every load is checked (lost_writes in the report)")
         q.add_argument(
             "--trace",

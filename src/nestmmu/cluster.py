@@ -441,6 +441,7 @@ async def run_default_workload(
                             data_fresh=data,  # the guests were created just above
                             virtual_mode=virtual,
                             pid=pid if virtual else 0,
+                            unmap_every=L2_UNMAP_EVERY if virtual and with_churn else 0,
                         ),
                     ),
                     timeout=600.0,
@@ -460,6 +461,9 @@ async def run_default_workload(
 #: Virtual mode: the most effective-address span the synthetic patterns use in the default
 #: plan (the L2 kernel of its 64K guest has 24 MiB of plain RAM for pages below the regions).
 VIRTUAL_FOOTPRINT = 16 << 20
+#: Virtual mode with churn: each vCPU's process munmaps a page after every this many batches
+#: (process-scoped tlbies from the L2 kernel to every vCPU of its guest).
+L2_UNMAP_EVERY = 4
 #: The audit taken while vCPUs run waits for this many shadow leaves (vCPUs well under way).
 ATTACHED_AUDIT_MIN_LEAVES = 64
 ATTACHED_AUDIT_POLL_S = 0.2
@@ -573,6 +577,7 @@ def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, in
         "segfaults": sum(r.segfaults for r in reports),
         "kernel_stores": sum(r.kernel_stores for r in reports),
         "process_tlbies": sum(r.process_tlbies for r in reports),
+        "munmaps": sum(r.extra.get("munmaps", 0) for r in reports),
         "walks_2d": walks,
         "walk_refs_2d": refs,
         "walk_refs_process": counters.get("l0.walk_refs_process", 0),

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from nestmmu import cluster
-from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
+from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 pytestmark = [pytest.mark.integration]
 
@@ -126,4 +126,60 @@ def test_a_lackey_trace_runs_in_virtual_mode_through_the_l2_kernel(lc: cluster.L
     hosts = [h for _, _, h, *_ in res]
     assert len(set(hosts)) == len(pages), hosts
     # And the whole state is consistent.
+    assert cluster.audit_outcome(aud) == "CLEAN", (list(aud.violations), list(aud.inconclusive_reasons))
+
+
+def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluster, tmp_path: Path) -> None:
+    """The L2 kernel's process-scoped tlbies (munmap -> radix__flush_tlb_range, tlbie PRS=1)
+    go through L0's broadcast for the guest's shadow LPID: a bystander vCPU of the same guest
+    receives and acknowledges each one, tagged with the PID, and the workload still completes
+    (pages refault into fresh ones) with a clean audit."""
+    trace = tmp_path / "lackey.out"
+    per_pass = write_trace(trace)
+    accesses = 4 * per_pass
+
+    async def go() -> tuple[l2_pb2.WorkloadReport, list[common_pb2.Invalidation], dict[str, int], l0_pb2.AuditResponse]:
+        async with grpc.aio.insecure_channel(lc.l2) as ch2, grpc.aio.insecure_channel(lc.l1s["l1a"]) as ch1, grpc.aio.insecure_channel(lc.l0) as ch0:
+            l1 = l1_pb2_grpc.L1ServiceStub(ch1)
+            g = await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=(8 << 20) + FOOTPRINT, data=True), timeout=30)
+            a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=g.lpid, vcpu_id=9), timeout=30)
+            bystander = cluster.RawVcpu(l0_pb2_grpc.L0ServiceStub(ch0), a.run_token)
+            try:
+                await asyncio.wait_for(bystander.attached, 10)
+                rep = (
+                    await l2_pb2_grpc.L2ServiceStub(ch2).RunWorkload(
+                        l2_pb2.RunWorkloadRequest(
+                            l1_address=lc.l1s["l1a"],
+                            lpid=g.lpid,
+                            vcpus=2,
+                            workload=l2_pb2.Workload(
+                                pattern="trace",
+                                trace_path=str(trace),
+                                accesses=accesses,
+                                footprint_bytes=FOOTPRINT,
+                                batch_size=4,
+                                virtual_mode=True,
+                                pid=PID,
+                                unmap_every=2,
+                            ),
+                        ),
+                        timeout=120,
+                    )
+                ).report
+                seen = list(bystander.invalidations)
+            finally:
+                await bystander.close()
+            return rep, seen, await cluster.l0_counters(lc.l0), await cluster.audit(lc.l0)
+
+    rep, seen, counters, aud = asyncio.run(go())
+    assert rep.accesses == 2 * accesses and rep.errors == 0 and rep.segfaults == 0, (rep.errors, list(rep.error_details))
+    assert rep.extra["munmaps"] > 0 and rep.process_tlbies > 0, rep
+    # The pages came back: more guest faults than pages (refaults after the munmaps).
+    assert rep.guest_faults_handled > len(ea_pages())
+    # Every process-scoped tlbie reached the bystander, as the kernel issued it.
+    l2_flushes = [i for i in seen if i.prs]
+    assert len(l2_flushes) == rep.process_tlbies, (len(l2_flushes), rep.process_tlbies)
+    assert all(i.pid == PID and i.scope == common_pb2.INVALIDATION_SCOPE_ADDRESS and i.size_bytes == 1 << 16 for i in l2_flushes)
+    assert {i.address for i in l2_flushes} <= set(ea_pages())
+    assert counters.get("svc.process_tlbies", 0) >= rep.process_tlbies
     assert cluster.audit_outcome(aud) == "CLEAN", (list(aud.violations), list(aud.inconclusive_reasons))

@@ -46,6 +46,7 @@ class WorkloadSpec:
     data_fresh: bool = False  # data mode on a new guest: words never stored must read zero
     virtual: bool = False  # virtual mode: effective addresses of process ``pid`` (see above)
     pid: int = 1
+    unmap_every: int = 0  # virtual mode: the process munmaps a page after every Nth batch (0 never)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -62,6 +63,8 @@ class WorkloadSpec:
             raise ValueError("pattern 'trace' needs trace_path")
         if self.virtual and not 1 <= self.pid <= MAX_PID:
             raise ValueError(f"pid must be in 1..{MAX_PID} in virtual mode (PID 0 is the L2 kernel's), not {self.pid}")
+        if self.unmap_every < 0:
+            raise ValueError(f"unmap_every must be 0 (never) or a number of batches, not {self.unmap_every}")
         if self.virtual and self.data:
             raise ValueError("virtual mode does not run in data mode (data mode checks L2 real addresses); use one or the other")
 
