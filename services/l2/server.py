@@ -172,10 +172,11 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
 
     async def _guest_os(self, context: Ctx, l1_address: str, lpid: int, memory: int | None) -> GuestOs:
         """The guest's L2 kernel, created on its first virtual-mode workload.  ``memory``: the
-        guest's size when RunWorkload just created it (plain RAM); else L1 describes it."""
-        got = self.guest_os.get((l1_address, lpid))
-        if got is not None:
-            return got
+        guest's size when RunWorkload just created it (plain RAM; an older kernel under the same
+        lpid belonged to a destroyed guest); else L1 describes the guest, and a kernel this
+        service booted is kept only while the guest's PATE still holds its process table (L1
+        reuses the lpids of destroyed guests)."""
+        key = (l1_address, lpid)
         if memory is None:
             async with insecure_channel(l1_address) as channel:
                 try:
@@ -185,6 +186,19 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 except grpc.aio.AioRpcError as e:
                     code = grpc.StatusCode.NOT_FOUND if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
                     await context.abort(code, f"GetGuest via L1 at {l1_address} failed: {e.code().name}: {e.details()}")
+            if not g.guest.data:
+                await abort_invalid(
+                    context, "lpid", f"guest {lpid} is not a data guest: virtual mode keeps page tables in guest memory (create it with data, or use lpid 0)"
+                )
+            got = self.guest_os.get(key)
+            if got is not None and (not got.registered or g.guest.pate_dw1 == got.kernel.proc_tbl_dw1() | f.PATE_GR):
+                return got  # still this guest (or still booting)
+            if f.pate_prtb(g.guest.pate_dw1):
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"guest {lpid} already has a process table that no L2 kernel of this service registered (the L2 service restarted?): "
+                    "run virtual mode on a new guest (lpid 0)",
+                )
             memory = kernel_memory(g.guest.memory_bytes, [r.n_gpa for r in g.guest.regions])
         try:
             gos = GuestOs(l1_address, lpid, memory)
