@@ -215,3 +215,46 @@ def test_virtual_mode_needs_a_data_guest_and_keeps_its_kernel_across_workloads(l
     assert second.guest_faults == 0 and second.kernel_stores == 0  # the same kernel, its pages still mapped
     assert info.data and info.pate_dw1 >> 63  # GR, and the registered process table
     assert info.pate_dw1 & 0x0FFF_FFFF_FFFF_F000
+
+
+def test_l0_routes_a_process_tlbie_to_every_vcpu_of_the_lpid_and_refuses_partition_scope(lc: cluster.LocalCluster) -> None:
+    """ProcessTlbie on the Run stream: L0 tags it with the stream's shadow LPID, delivers it to
+    every vCPU of that LPID (issuer included) and answers ProcessTlbieDone once all acked; a
+    partition-scoped one (PRS=0) is the hypervisor's to issue, so the stream is ended with a
+    one-line INVALID_ARGUMENT reason."""
+
+    def tlbie(id_: int, prs: bool) -> l0_pb2.RunRequest:
+        inv = common_pb2.Invalidation(scope=common_pb2.INVALIDATION_SCOPE_ADDRESS, address=TEXT[0], size_bytes=1 << 16, prs=prs, pid=PID)
+        return l0_pb2.RunRequest(process_tlbie=l0_pb2.ProcessTlbie(id=id_, invalidations=[inv]))
+
+    async def go() -> tuple[list[str], list[common_pb2.Invalidation], list[common_pb2.Invalidation], str | None]:
+        async with grpc.aio.insecure_channel(lc.l1s["l1a"]) as ch1, grpc.aio.insecure_channel(lc.l0) as ch0:
+            l1 = l1_pb2_grpc.L1ServiceStub(ch1)
+            l0 = l0_pb2_grpc.L0ServiceStub(ch0)
+            g = await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20, data=True), timeout=30)
+            vs = []
+            for vcpu_id in (0, 1):
+                a = await l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=g.lpid, vcpu_id=vcpu_id), timeout=30)
+                v = cluster.RawVcpu(l0, a.run_token)
+                await asyncio.wait_for(v.attached, 10)
+                vs.append(v)
+            issuer, other = vs
+            try:
+                issuer.q.put_nowait(tlbie(1, True))
+                for _ in range(100):
+                    if "process_tlbie_done" in issuer.log:
+                        break
+                    await asyncio.sleep(0.05)
+                issuer.q.put_nowait(tlbie(2, False))
+                await asyncio.wait_for(issuer.task, 10)
+                return list(issuer.log), list(issuer.invalidations), list(other.invalidations), issuer.ended
+            finally:
+                for v in vs:
+                    await v.close()
+
+    log, mine, theirs, ended = asyncio.run(go())
+    assert "process_tlbie_done" in log and log.index("invalidate") < log.index("process_tlbie_done")
+    for got in (mine, theirs):
+        assert len(got) == 1 and got[0].prs and got[0].pid == PID and got[0].address == TEXT[0]
+    assert mine[0].lpid == theirs[0].lpid != 0  # the shadow LPID, tagged by L0
+    assert ended is not None and ended.startswith("INVALID_ARGUMENT: process_tlbie.invalidations[0].prs:"), ended
