@@ -71,6 +71,8 @@ GIL_SWITCH_INTERVAL_S = 0.001
 #: (about a millisecond) for the scan to let it in.  Scanning a batch in slices gives the same
 #: hits and misses as one scan, except that a tlbie may now land between slices, as on hardware.
 SCAN_SLICE = 1024
+#: Virtual mode: segfaults one vCPU describes in the report (the rest are only counted).
+MAX_SEGFAULT_DETAILS = 4
 #: Virtual mode: how many times one access may take a guest fault that its kernel handled
 #: before the vCPU gives up on it (demand map, then R/C: two is the most a healthy run needs).
 MAX_GUEST_FAULT_ROUNDS = 4
@@ -154,6 +156,7 @@ class RunStream:
         self._faults: list[tuple[int, int, int]] = []
         self._tlbie_id = 0
         self._tlbie_done = asyncio.Event()
+        self.segfault_details: list[str] = []
 
     @property
     def stats(self) -> Counter[str]:
@@ -309,6 +312,9 @@ class RunStream:
                     if got is None:
                         self.stats["segfaults"] += 1  # SIGSEGV: the access ends here
                         self._log.debug("segfault", ea=hex(addr), kind=kind, dsisr=hex(dsisr))
+                        if len(self.segfault_details) < MAX_SEGFAULT_DETAILS:
+                            what = Access(kind).name.lower()
+                            self.segfault_details.append(f"vCPU {self.vcpu_id}: SIGSEGV: {what} at EA {addr:#x} of PID {pid} (DSISR {dsisr:#x})")
                         continue
                     self.stats["guest_faults_handled"] += 1
                     self.stats["kernel_stores"] += got[0]

@@ -237,6 +237,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             )
         details: list[str] = []
         data_details: list[str] = []
+        segv_details: list[str] = []
         lpid = request.lpid
         created: int | None = None
         if lpid == 0:
@@ -282,6 +283,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                     data_details=data_details,
                     on_l0=self.l0_watch.add if self.l0_watch is not None else None,
                     guest=guest,
+                    segfault_details=segv_details,
                 ),
                 name=f"vcpu-{lpid}-{i}",
             )
@@ -300,6 +302,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         rep = report_from_counters(total, time.perf_counter() - t0, lpid, request.vcpus, details)
         if spec.data:
             fill_data_report(rep, total, data_details)
+        rep.segfault_details.extend(segv_details[:DATA_DETAILS_MAX])
         self.reports.append(rep)
         log.info(
             "workload_done",

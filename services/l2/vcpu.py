@@ -58,6 +58,7 @@ async def run_vcpu(
     data_details: list[str] | None = None,
     on_l0: Callable[[str], None] | None = None,
     guest: GuestOs | None = None,
+    segfault_details: list[str] | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
@@ -93,6 +94,8 @@ async def run_vcpu(
                 with rs.lock:
                     reasons = rs.error_reasons.most_common(MAX_ERROR_REASONS)
                 details += [f"lpid {lpid} vCPU {vcpu_id}: {n} access(es) ended in ERROR: {why}" for why, n in reasons]
+            if segfault_details is not None:  # virtual mode: what the program would have died of
+                segfault_details += [f"lpid {lpid} {d}" for d in rs.segfault_details]
             if rs.data is not None:  # data mode: the checker's counts and first losses
                 with rs.lock:
                     stats.update(rs.data.checker.counters())

@@ -584,6 +584,7 @@ def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, in
         "walk_refs_shadow": counters.get("l0.walk_refs_shadow", 0),
         "walk_refs_per_2d_walk": round(refs / walks, 2) if walks else 0,
         "prtable_faults": counters.get("l0.prtable_faults", 0),
+        "segfault_details": [d for r in reports for d in r.segfault_details][:16],
     }
 
 

@@ -188,15 +188,18 @@ def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluste
 def test_virtual_mode_needs_a_data_guest_and_keeps_its_kernel_across_workloads(lc: cluster.LocalCluster, tmp_path: Path) -> None:
     """A guest whose memory L1 may drop when it moves pages cannot hold page tables: refused
     with a one-line reason.  A data guest keeps its L2 kernel from one workload to the next
-    (the second run finds its pages mapped: no demand faults)."""
+    (the second run finds its pages mapped: no demand faults).  An EA outside the 52-bit space
+    is a segfault, reported."""
     trace = tmp_path / "lackey.out"
     per_pass = write_trace(trace)
+    with trace.open("a", encoding="utf-8") as fh:  # and one EA no process may use: bit 52 set
+        fh.write(" L 10000010000000,8\n")
 
     async def go() -> tuple[grpc.aio.AioRpcError, list[l2_pb2.WorkloadReport], l1_pb2.GuestInfo]:
         async with grpc.aio.insecure_channel(lc.l2) as ch2, grpc.aio.insecure_channel(lc.l1s["l1a"]) as ch1:
             l1 = l1_pb2_grpc.L1ServiceStub(ch1)
             l2 = l2_pb2_grpc.L2ServiceStub(ch2)
-            w = l2_pb2.Workload(pattern="trace", trace_path=str(trace), accesses=per_pass, batch_size=8, virtual_mode=True, pid=PID)
+            w = l2_pb2.Workload(pattern="trace", trace_path=str(trace), accesses=per_pass + 1, batch_size=8, virtual_mode=True, pid=PID)
             plain = await l1.CreateGuest(l1_pb2.CreateGuestRequest(page_shift=16, memory_bytes=16 << 20), timeout=30)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await l2.RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=lc.l1s["l1a"], lpid=plain.lpid, vcpus=1, workload=w), timeout=60)
@@ -212,7 +215,11 @@ def test_virtual_mode_needs_a_data_guest_and_keeps_its_kernel_across_workloads(l
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not a data guest" in (refused.details() or "")
     first, second = reps
     assert first.errors == second.errors == 0 and first.guest_faults > 0
-    assert second.guest_faults == 0 and second.kernel_stores == 0  # the same kernel, its pages still mapped
+    # The bad EA: a segment interrupt, which no VMA can fix: SIGSEGV, the access ends, and the
+    # report says where (not an error of the model).
+    assert first.segfaults == second.segfaults == 1
+    assert list(second.segfault_details) == [f"lpid {second.lpid} vCPU 0: SIGSEGV: load at EA 0x10000010000000 of PID {PID} (DSISR 0x0)"]
+    assert second.guest_faults == 1 and second.kernel_stores == 0  # the same kernel, its pages still mapped: only the bad EA faults
     assert info.data and info.pate_dw1 >> 63  # GR, and the registered process table
     assert info.pate_dw1 & 0x0FFF_FFFF_FFFF_F000
 
