@@ -569,23 +569,27 @@ def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, in
     ``walk_refs_2d`` counts every memory reference of L0's 2-D walks: ``walk_refs_process``
     reads of L2's process table and tree entries and ``walk_refs_shadow`` reads of the shadow
     table made to translate those entries' L2 real addresses and the final one."""
-    walks = counters.get("l0.walks_2d", 0)
-    refs = counters.get("l0.walk_refs_2d", 0)
-    return {
+    out: dict[str, Any] = {
         "guest_faults": sum(r.guest_faults for r in reports),
         "guest_faults_handled": sum(r.guest_faults_handled for r in reports),
         "segfaults": sum(r.segfaults for r in reports),
         "kernel_stores": sum(r.kernel_stores for r in reports),
         "process_tlbies": sum(r.process_tlbies for r in reports),
         "munmaps": sum(r.extra.get("munmaps", 0) for r in reports),
-        "walks_2d": walks,
-        "walk_refs_2d": refs,
-        "walk_refs_process": counters.get("l0.walk_refs_process", 0),
-        "walk_refs_shadow": counters.get("l0.walk_refs_shadow", 0),
-        "walk_refs_per_2d_walk": round(refs / walks, 2) if walks else 0,
-        "prtable_faults": counters.get("l0.prtable_faults", 0),
-        "segfault_details": [d for r in reports for d in r.segfault_details][:16],
     }
+    if counters:  # L0's counters (workload without --l0 has none)
+        walks = counters.get("l0.walks_2d", 0)
+        refs = counters.get("l0.walk_refs_2d", 0)
+        out |= {
+            "walks_2d": walks,
+            "walk_refs_2d": refs,
+            "walk_refs_process": counters.get("l0.walk_refs_process", 0),
+            "walk_refs_shadow": counters.get("l0.walk_refs_shadow", 0),
+            "walk_refs_per_2d_walk": round(refs / walks, 2) if walks else 0,
+            "prtable_faults": counters.get("l0.prtable_faults", 0),
+        }
+    out["segfault_details"] = [d for r in reports for d in r.segfault_details][:16]
+    return out
 
 
 class RawVcpu:
