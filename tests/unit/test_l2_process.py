@@ -449,3 +449,17 @@ def test_kernel_ops_stores_take_nested_faults_like_any_store() -> None:
     c.apply_kernel_ops(s, ops)
     assert c.l0.stats["nested_faults"] > faults
     assert c.access_ea(s, 1 << 40, LOAD).outcome is Outcome.FILL
+
+
+def test_kernel_page_flush_uses_the_quadrant_3_address() -> None:
+    """tlbie's RB carries the full EA: the L2 kernel's own pages (PID 0) are flushed at their
+    quadrant-3 address (Linux radix__flush_tlb_kernel_range on 0xC000... addresses), which
+    is what the TLB entry of a quadrant-3 access is tagged with."""
+    c, s, k = boot()
+    kea = (3 << 62) | EA
+    assert c.access_ea(s, kea, LOAD).outcome is Outcome.FILL
+    ops = k.protect(0, EA, P64K, 0)
+    assert [i.address for i in ops.invalidations] == [kea]
+    c.apply_kernel_ops(s, ops)
+    assert s.vcpu.tlb.lookup(s.vcpu.lpid, kea, 0) is None
+    assert c.access_ea(s, kea, LOAD).outcome is Outcome.GUEST_FAULT

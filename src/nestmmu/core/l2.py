@@ -233,16 +233,19 @@ class L2Kernel:
         (R set, C clear: populated pages are clean until written)."""
         self._check_perms(perms)
         proc = self._proc(pid)
+        changed = []
         for page in self._pages(ea, length):
             proc.vmas[page] = perms
             slot = proc.tree.lookup_leaf(page)
             if slot is None:
+                # A new leaf replaces an invalid entry: nothing cached, nothing to flush.
                 self._install(proc, page, perms, dirty=False)
-            elif slot.pte & PERM_RWX != perms:
-                self._set_leaf(proc, slot, (slot.pte & ~PERM_RWX) | perms)
+            elif self._reprotect(proc, slot, perms):
+                # Mapping over a present page keeps it (MAP_FIXED_NOREPLACE-like) with the
+                # new permissions: a change of protection, flushed like mprotect.
+                changed.append(page)
         self._count("map")
-        # New leaves replace invalid entries: nothing cached to flush (Linux issues none).
-        return KernelOps(self.mem.take())
+        return KernelOps(self.mem.take(), self._flush_range(pid, changed))
 
     def unmap(self, pid: int, ea: int, length: int) -> KernelOps:
         """munmap / MADV_DONTNEED: clear the leaves, flush them, free the pages.  The range
@@ -266,13 +269,7 @@ class L2Kernel:
         for page in self._pages(ea, length):
             proc.vmas[page] = perms
             slot = proc.tree.lookup_leaf(page)
-            if slot is None:
-                continue
-            want = (slot.pte & ~PERM_RWX) | self._leaf_perms(pid, perms)
-            if not perms & f.PTE_EAA_RW:
-                want &= ~f.PTE_C
-            if want != slot.pte:
-                self._set_leaf(proc, slot, want)
+            if slot is not None and self._reprotect(proc, slot, perms):
                 changed.append(page)
         self._count("protect")
         return KernelOps(self.mem.take(), self._flush_range(pid, changed))
@@ -284,7 +281,10 @@ class L2Kernel:
         if len(pages) > TLB_SINGLE_PAGE_FLUSH_CEILING:
             return [Invalidation(NO_LPID, Scope.PID, reason="l2_flush_mm", prs=True, pid=pid)]
         ps = self.page_size
-        return [Invalidation(NO_LPID, Scope.ADDRESS, page, ps, "l2_flush_page", prs=True, pid=pid) for page in pages]
+        # RB's EPN is the full effective address: the kernel's own pages (PID 0) are reached
+        # through quadrant 3 (0xC000...), as Linux's kernel addresses are.
+        q = 3 << f.EA_QUADRANT_SHIFT if pid == 0 else 0
+        return [Invalidation(NO_LPID, Scope.ADDRESS, q | page, ps, "l2_flush_page", prs=True, pid=pid) for page in pages]
 
     # ---------------------------------------------------------------- tree updates
     def _install(self, proc: Process, page: int, perms: int, dirty: bool) -> int:
@@ -300,6 +300,16 @@ class L2Kernel:
         proc.pages[page] = real
         self._count("pages_mapped")
         return real
+
+    def _reprotect(self, proc: Process, slot: Slot, perms: int) -> bool:
+        """change_pte_range: the leaf with new permissions (C dropped without write)."""
+        want = (slot.pte & ~PERM_RWX) | self._leaf_perms(proc.pid, perms)
+        if not perms & f.PTE_EAA_RW:
+            want &= ~f.PTE_C
+        if want == slot.pte:
+            return False
+        self._set_leaf(proc, slot, want)
+        return True
 
     def _set_leaf(self, proc: Process, slot: Slot, pte: int) -> None:
         self.mem.write_u64(slot.addr, pte)
