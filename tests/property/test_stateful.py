@@ -513,7 +513,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
         lpid = c.create_guest(TWO_D_L1, page_shift=shift, memory=TWO_D_MEMORY, data=True)
         s = c.attach_vcpu(TWO_D_L1, lpid, 0, pid=1)
         l2_shift = data.draw(st.sampled_from([12, 16]), label="l2_page_shift")
-        c.boot_l2_kernel(s, page_shift=l2_shift, pids=(0, 1, 2), prts=0, table_base=1 << 20, table_size=1 << 20)
+        rpt = data.draw(st.booleans(), label="l2_uses_h_rpt_invalidate")  # pseries L2 without GTSE
+        c.boot_l2_kernel(s, page_shift=l2_shift, pids=(0, 1, 2), prts=0, table_base=1 << 20, table_size=1 << 20, use_rpt_invalidate=rpt)
         c.attach_vcpu(TWO_D_L1, lpid, 1, pid=2)
         self.two_d = RefTwoD(lpid=lpid, page_size=1 << l2_shift, live=True)
 
