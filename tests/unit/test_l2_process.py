@@ -449,3 +449,62 @@ def test_kernel_ops_stores_take_nested_faults_like_any_store() -> None:
     c.apply_kernel_ops(s, ops)
     assert c.l0.stats["nested_faults"] > faults
     assert c.access_ea(s, 1 << 40, LOAD).outcome is Outcome.FILL
+
+
+def test_kernel_page_flush_uses_the_quadrant_3_address() -> None:
+    """tlbie's RB carries the full EA: the L2 kernel's own pages (PID 0) are flushed at their
+    quadrant-3 address (Linux radix__flush_tlb_kernel_range on 0xC000... addresses), which
+    is what the TLB entry of a quadrant-3 access is tagged with."""
+    c, s, k = boot()
+    kea = (3 << 62) | EA
+    assert c.access_ea(s, kea, LOAD).outcome is Outcome.FILL
+    ops = k.protect(0, EA, P64K, 0)
+    assert [i.address for i in ops.invalidations] == [kea]
+    c.apply_kernel_ops(s, ops)
+    assert s.vcpu.tlb.lookup(s.vcpu.lpid, kea, 0) is None
+    assert c.access_ea(s, kea, LOAD).outcome is Outcome.GUEST_FAULT
+
+
+# ------------------------------------------------------------------ L2's own H_RPT_INVALIDATE
+def test_l2_process_scoped_rpt_invalidate_is_done_by_l0_for_the_shadow_lpid() -> None:
+    """book3s_hv.c kvmppc_nested_h_rpt_invalidate -> radix_tlb.c do_h_rpt_invalidate_prt:
+    a NESTED request goes to L1 (RESUME_HOST); otherwise L0 flushes (shadow LPID, PID):
+    TLB|PWC|PRT by PID with RIC=2, the full range by PID, a range per page up to the
+    ceiling, past it by PID — and returns H_SUCCESS to L2."""
+    c, s, _ = boot()
+    l0, lpid = c.l0, s.gp.shadow_lpid
+    assert l0.kvmppc_nested_h_rpt_invalidate(s.gp, 1, f.H_RPTI_TYPE_NESTED | f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_ALL, 0, f.U64) is None
+    assert l0.take_invalidations() == []
+    cases = [
+        (f.H_RPTI_TYPE_ALL, f.H_RPTI_PAGE_ALL, EA, EA + P64K, [(Scope.PID, 0)]),
+        (f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_ALL, 0, f.U64, [(Scope.PID, 0)]),
+        (f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_64K, EA, EA + 2 * P64K, [(Scope.ADDRESS, EA), (Scope.ADDRESS, EA + P64K)]),
+        (f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_64K, EA, EA + 34 * P64K, [(Scope.PID, 0)]),
+        (f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_1G, EA, EA + P64K, [(Scope.ADDRESS, EA)]),
+    ]
+    for type_, sizes, start, end, want in cases:
+        assert l0.kvmppc_nested_h_rpt_invalidate(s.gp, 3, type_, sizes, start, end) == H.SUCCESS
+        got = l0.take_invalidations()
+        assert [(i.scope, i.address) for i in got] == want
+        assert all(i.lpid == lpid and i.prs and i.pid == 3 for i in got)
+
+
+def test_l2_without_gtse_flushes_with_h_rpt_invalidate() -> None:
+    """A pseries L2 without GTSE (pseries_rpt_invalidate from radix__flush_tlb_range) asks
+    for its process-scoped flushes with H_RPT_INVALIDATE; L0 performs them and every vCPU of
+    the LPID loses the EA entries of the unmapped range."""
+    c = InProcessCluster()
+    c.add_l1("a")
+    lpid = c.create_guest("a", page_shift=16, memory=64 << 20)
+    s = c.attach_vcpu("a", lpid, 0, pid=1)
+    s2 = c.attach_vcpu("a", lpid, 1, pid=1)
+    k = c.boot_l2_kernel(s, use_rpt_invalidate=True)
+    for v in (s, s2):
+        for n in range(3):
+            assert c.access_ea(v, EA + n * P64K, LOAD).outcome is Outcome.FILL
+    ops = k.unmap(1, EA, 2 * P64K)
+    assert ops.invalidations == [] and ops.rpt_invalidates == [(1, f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_64K, EA, EA + 2 * P64K)]
+    c.apply_kernel_ops(s, ops)
+    assert c.l0.stats["hcall.L2_H_RPT_INVALIDATE"] == 1
+    for v in (s, s2):
+        assert [e.page for e in v.vcpu.tlb.entries() if e.pid == 1] == [EA + 2 * P64K]

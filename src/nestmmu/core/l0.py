@@ -559,6 +559,42 @@ class L0Hypervisor:
             return H.P2
         return (yield from self.do_h_rpt_invalidate_pat(vm, id_, type_, pg_sizes, start, end))
 
+    def kvmppc_nested_h_rpt_invalidate(self, gp: KvmNestedGuest, pid: int, type_: int, pg_sizes: int, start: int, end: int) -> int | None:
+        """H_RPT_INVALIDATE issued by an L2 (book3s_hv.c kvmppc_nested_h_rpt_invalidate, from
+        the nested exit): a process-scoped request (no NESTED bit, what a pseries L2 without
+        GTSE issues for its own trees) is done by L0 for the L2's shadow LPID and returns
+        H_SUCCESS to L2; a NESTED one is not L0's: None = the exit goes to L1 (RESUME_HOST)."""
+        if type_ & f.H_RPTI_TYPE_NESTED:
+            return None
+        self.stats["hcall.L2_H_RPT_INVALIDATE"] += 1
+        self.do_h_rpt_invalidate_prt(pid, gp.shadow_lpid, type_, pg_sizes & f.U64, start & f.U64, end & f.U64)
+        return H.SUCCESS
+
+    def do_h_rpt_invalidate_prt(self, pid: int, lpid: int, type_: int, pg_sizes: int, start: int, end: int) -> None:
+        """radix_tlb.c do_h_rpt_invalidate_prt: process-scoped tlbies of (LPID, PID).
+
+        TLB|PWC|PRT -> one RIC=2 PID flush; PWC -> a RIC=1 PID flush (no page-walk cache is
+        modelled: nothing to drop); the full range -> RIC=0 PID flush; else, per requested
+        page size ascending, a PID flush past the ceiling or one tlbie per page."""
+        if type_ & f.H_RPTI_TYPE_ALL == f.H_RPTI_TYPE_ALL:
+            self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_all", prs=True, pid=pid))
+            return
+        if type_ & f.H_RPTI_TYPE_PWC:
+            self.stats["rpt.prt_pwc"] += 1
+        if start == 0 and end == f.U64:
+            self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_pid", prs=True, pid=pid))
+            return
+        for bit, shift in f.RPTI_PAGE_BIT_TO_SHIFT:
+            if not pg_sizes & bit:
+                continue
+            if (end - start) >> shift > f.TLB_RANGE_FLUSH_PAGE_CEILING:
+                self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_ceiling", prs=True, pid=pid))
+                return
+            addr = start
+            while addr < end:
+                self.outbox.append(Invalidation(lpid, Scope.ADDRESS, addr, 1 << shift, "rpt_prt_va", prs=True, pid=pid))
+                addr += 1 << shift
+
     def do_h_rpt_invalidate_pat(self, vm: L1Vm, lpid: int, type_: int, pg_sizes: int, start: int, end: int) -> Op[int]:
         # An unknown LPID succeeds: L1 flushes when it writes a PATE, before H_ENTER_NESTED.
         if lpid not in vm.nested:

@@ -55,17 +55,22 @@ class KernelOps:
 
     stores: list[tuple[int, int]] = field(default_factory=list)  # (L2 real address, u64)
     invalidations: list[Invalidation] = field(default_factory=list)
+    # With ``use_rpt_invalidate`` (a pseries L2 without GTSE): the flushes as process-scoped
+    # H_RPT_INVALIDATE hcalls (pid, type, pg_sizes, start, end) instead of tlbie, which L0
+    # performs for the guest's shadow LPID (kvmppc_nested_h_rpt_invalidate).
+    rpt_invalidates: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
     def extend(self, other: KernelOps) -> None:
         self.stores += other.stores
         self.invalidations += other.invalidations
+        self.rpt_invalidates += other.rpt_invalidates
 
     def tagged(self, lpid: int) -> list[Invalidation]:
         """The tlbies as the hardware applies them: in the LPID the vCPU runs with."""
         return [replace(inv, lpid=lpid) for inv in self.invalidations]
 
     def __len__(self) -> int:
-        return len(self.stores) + len(self.invalidations)
+        return len(self.stores) + len(self.invalidations) + len(self.rpt_invalidates)
 
 
 class _KernelMemory(SimMemory):
@@ -118,6 +123,7 @@ class L2Kernel:
         table_base: int = 1 << 20,
         table_size: int = 7 << 20,
         anon_perms: int = PERM_RWX,
+        use_rpt_invalidate: bool = False,
     ) -> None:
         if page_shift not in (12, 16):
             raise L2Error(f"L2 base page shift must be 12 or 16, not {page_shift}")
@@ -131,6 +137,7 @@ class L2Kernel:
         self.page_size = 1 << page_shift
         self.prts = prts
         self.anon_perms = anon_perms
+        self.use_rpt_invalidate = use_rpt_invalidate
         self.mem = _KernelMemory(memory)
         self.table_alloc = Allocator(table_base, data_base)
         self.data_alloc = Allocator(data_base, memory)
@@ -188,7 +195,10 @@ class L2Kernel:
         ops.stores = self.mem.take()
         self.mem.write_u64(self.prte_addr(pid), 0)
         ops.stores += self.mem.take()
-        ops.invalidations.append(Invalidation(NO_LPID, Scope.PID, reason="l2_destroy_context", prs=True, pid=pid))
+        if self.use_rpt_invalidate:
+            ops.rpt_invalidates.append((pid, f.H_RPTI_TYPE_ALL, f.H_RPTI_PAGE_ALL, 0, f.U64))
+        else:
+            ops.invalidations.append(Invalidation(NO_LPID, Scope.PID, reason="l2_destroy_context", prs=True, pid=pid))
         # Table pages of the dead mm are left allocated (see the module note).
         del self.procs[pid]
         return ops
@@ -233,16 +243,19 @@ class L2Kernel:
         (R set, C clear: populated pages are clean until written)."""
         self._check_perms(perms)
         proc = self._proc(pid)
+        changed = []
         for page in self._pages(ea, length):
             proc.vmas[page] = perms
             slot = proc.tree.lookup_leaf(page)
             if slot is None:
+                # A new leaf replaces an invalid entry: nothing cached, nothing to flush.
                 self._install(proc, page, perms, dirty=False)
-            elif slot.pte & PERM_RWX != perms:
-                self._set_leaf(proc, slot, (slot.pte & ~PERM_RWX) | perms)
+            elif self._reprotect(proc, slot, perms):
+                # Mapping over a present page keeps it (MAP_FIXED_NOREPLACE-like) with the
+                # new permissions: a change of protection, flushed like mprotect.
+                changed.append(page)
         self._count("map")
-        # New leaves replace invalid entries: nothing cached to flush (Linux issues none).
-        return KernelOps(self.mem.take())
+        return self._ops_with_flush(pid, changed)
 
     def unmap(self, pid: int, ea: int, length: int) -> KernelOps:
         """munmap / MADV_DONTNEED: clear the leaves, flush them, free the pages.  The range
@@ -255,7 +268,7 @@ class L2Kernel:
             if self._unmap_page(proc, page):
                 changed.append(page)
         self._count("unmap")
-        return KernelOps(self.mem.take(), self._flush_range(pid, changed))
+        return self._ops_with_flush(pid, changed)
 
     def protect(self, pid: int, ea: int, length: int, perms: int) -> KernelOps:
         """mprotect: new VMA permissions, and every present leaf rewritten with them
@@ -266,16 +279,35 @@ class L2Kernel:
         for page in self._pages(ea, length):
             proc.vmas[page] = perms
             slot = proc.tree.lookup_leaf(page)
-            if slot is None:
-                continue
-            want = (slot.pte & ~PERM_RWX) | self._leaf_perms(pid, perms)
-            if not perms & f.PTE_EAA_RW:
-                want &= ~f.PTE_C
-            if want != slot.pte:
-                self._set_leaf(proc, slot, want)
+            if slot is not None and self._reprotect(proc, slot, perms):
                 changed.append(page)
         self._count("protect")
-        return KernelOps(self.mem.take(), self._flush_range(pid, changed))
+        return self._ops_with_flush(pid, changed)
+
+    def _ops_with_flush(self, pid: int, pages: list[int]) -> KernelOps:
+        """The stores made, then the flush of ``pages``: tlbies, or (without GTSE) the
+        H_RPT_INVALIDATE Linux's pseries_rpt_invalidate issues for the same range."""
+        ops = KernelOps(self.mem.take())
+        if not pages:
+            return ops
+        if not self.use_rpt_invalidate:
+            ops.invalidations = self._flush_range(pid, pages)
+            return ops
+        ps = self.page_size
+        bit = f.H_RPTI_PAGE_4K if ps == 1 << 12 else f.H_RPTI_PAGE_64K
+        q = 3 << f.EA_QUADRANT_SHIFT if pid == 0 else 0
+        if len(pages) > TLB_SINGLE_PAGE_FLUSH_CEILING:
+            ops.rpt_invalidates.append((pid, f.H_RPTI_TYPE_TLB, f.H_RPTI_PAGE_ALL, 0, f.U64))
+        else:
+            # One call per run of consecutive pages (radix__flush_tlb_range flushes a range).
+            run = [pages[0]]
+            for p in [*pages[1:], -1]:
+                if p == run[-1] + ps:
+                    run.append(p)
+                    continue
+                ops.rpt_invalidates.append((pid, f.H_RPTI_TYPE_TLB, bit, (q | run[0]) & f.U64, (q | (run[-1] + ps)) & f.U64))
+                run = [p]
+        return ops
 
     def _flush_range(self, pid: int, pages: list[int]) -> list[Invalidation]:
         """radix__flush_tlb_range: one tlbie per page, or the whole PID past the ceiling."""
@@ -284,7 +316,10 @@ class L2Kernel:
         if len(pages) > TLB_SINGLE_PAGE_FLUSH_CEILING:
             return [Invalidation(NO_LPID, Scope.PID, reason="l2_flush_mm", prs=True, pid=pid)]
         ps = self.page_size
-        return [Invalidation(NO_LPID, Scope.ADDRESS, page, ps, "l2_flush_page", prs=True, pid=pid) for page in pages]
+        # RB's EPN is the full effective address: the kernel's own pages (PID 0) are reached
+        # through quadrant 3 (0xC000...), as Linux's kernel addresses are.
+        q = 3 << f.EA_QUADRANT_SHIFT if pid == 0 else 0
+        return [Invalidation(NO_LPID, Scope.ADDRESS, q | page, ps, "l2_flush_page", prs=True, pid=pid) for page in pages]
 
     # ---------------------------------------------------------------- tree updates
     def _install(self, proc: Process, page: int, perms: int, dirty: bool) -> int:
@@ -300,6 +335,16 @@ class L2Kernel:
         proc.pages[page] = real
         self._count("pages_mapped")
         return real
+
+    def _reprotect(self, proc: Process, slot: Slot, perms: int) -> bool:
+        """change_pte_range: the leaf with new permissions (C dropped without write)."""
+        want = (slot.pte & ~PERM_RWX) | self._leaf_perms(proc.pid, perms)
+        if not perms & f.PTE_EAA_RW:
+            want &= ~f.PTE_C
+        if want == slot.pte:
+            return False
+        self._set_leaf(proc, slot, want)
+        return True
 
     def _set_leaf(self, proc: Process, slot: Slot, pte: int) -> None:
         self.mem.write_u64(slot.addr, pte)

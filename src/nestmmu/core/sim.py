@@ -243,6 +243,12 @@ class InProcessCluster:
             self.real_store(s, addr, value)
         self.stats["l2_kernel_stores"] += len(ops.stores)
         self.deliver(ops.tagged(s.vcpu.lpid))
+        for pid, type_, pg_sizes, start, end in ops.rpt_invalidates:
+            # The L2's hcall exits to L0, which performs it for the shadow LPID.
+            rc = self.l0.kvmppc_nested_h_rpt_invalidate(s.gp, pid, type_, pg_sizes, start, end)
+            if rc != f.H.SUCCESS:
+                raise ConfigError(f"L2's process-scoped H_RPT_INVALIDATE failed: {rc}")
+            self.deliver(self.l0.take_invalidations())
 
     def real_store(self, s: VcpuSession, addr: int, value: int) -> None:
         """One real-mode doubleword store by L2 (MSR[DR]=0) through TLB, shadow and faults."""
