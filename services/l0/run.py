@@ -19,7 +19,7 @@ import grpc
 import structlog
 
 from nestmmu.core.effects import AccessResult, Invalidation, Outcome
-from nestmmu.core.formats import Access
+from nestmmu.core.formats import Access, H
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.limits import MAX_BATCH, RUN_WORKER_SLICE_S
 from nestmmu.protos import common_pb2, l0_pb2
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from .server import L0Servicer
 
 log = structlog.get_logger("l0")
+
+#: What a Run stream's worker takes, in the vCPU's program order (None: the stream ended).
+Work = l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | l0_pb2.L2RptInvalidate | None
 
 
 async def serve_run(
@@ -59,7 +62,7 @@ async def serve_run(
     svc.stats["run_streams_opened"] += 1
     structlog.contextvars.bind_contextvars(l1=s.name, shadow_lpid=gp.shadow_lpid, vcpu=vcpu_id)
     log.info("vcpu_attached", l1_lpid=gp.l1_lpid)
-    batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None] = asyncio.Queue()
+    batches: asyncio.Queue[Work] = asyncio.Queue()
     reader = asyncio.create_task(read_run(st, it, batches))
     worker = asyncio.create_task(run_worker(svc, st, batches))
     try:
@@ -85,7 +88,7 @@ async def serve_run(
         structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
 
 
-async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None]) -> None:
+async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches: asyncio.Queue[Work]) -> None:
     try:
         async for req in it:
             kind = req.WhichOneof("message")
@@ -93,6 +96,8 @@ async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches:
                 batches.put_nowait(req.batch)
             elif kind == "process_tlbie":  # in program order with the batches (worker)
                 batches.put_nowait(req.process_tlbie)
+            elif kind == "l2_rpt_invalidate":
+                batches.put_nowait(req.l2_rpt_invalidate)
             elif kind == "ack":
                 st.ack(list(req.ack.invalidation_ids))
             elif kind == "tlb_dump":
@@ -103,6 +108,23 @@ async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches:
         pass
     finally:
         batches.put_nowait(None)
+
+
+async def run_l2_rpt_invalidate(svc: L0Servicer, st: RunStream, m: l0_pb2.L2RptInvalidate) -> None:
+    """The L2's H_RPT_INVALIDATE exits to L0, which handles a process-scoped one itself
+    (kvmppc_nested_h_rpt_invalidate): tlbies of (shadow LPID, PID) to every vCPU of the LPID,
+    then the hcall returns to L2.  A NESTED-type one would be reflected to L1, which this
+    path does not model (H_FUNCTION; the L2 kernel never issues one)."""
+    rc = svc.core.kvmppc_nested_h_rpt_invalidate(st.gp, m.pid, m.type, m.page_sizes, m.start, m.end)
+    waiters = svc.broadcast(svc.core.take_invalidations())
+    if waiters:
+        await svc.wait_acks(waiters)
+    if rc is None:
+        svc.stats["l2_hcalls_not_modelled"] += 1
+        rc = H.FUNCTION
+    if st.alive:
+        st.flush_results()
+        st.out.put_nowait(l0_pb2.RunResponse(l2_hcall_done=l0_pb2.L2HcallDone(id=m.id, hcall_rc=rc)))
 
 
 def tlb_entry_of(e: l0_pb2.TlbDumpEntry) -> TlbEntry:
@@ -158,7 +180,7 @@ async def run_process_tlbie(svc: L0Servicer, st: RunStream, m: l0_pb2.ProcessTlb
         st.out.put_nowait(l0_pb2.RunResponse(process_tlbie_done=l0_pb2.ProcessTlbieDone(id=m.id, vcpus=len({w[0] for w in waiters}))))
 
 
-async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_pb2.AccessBatch | l0_pb2.ProcessTlbie | None]) -> None:
+async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work]) -> None:
     core = svc.core
     try:
         while True:
@@ -171,6 +193,9 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[l0_p
                     st.close(err)
                     break
                 await run_process_tlbie(svc, st, b)
+                continue
+            if isinstance(b, l0_pb2.L2RptInvalidate):
+                await run_l2_rpt_invalidate(svc, st, b)
                 continue
             err = check_batch(b)
             if err:

@@ -19,6 +19,7 @@ the first one's leaf (spurious fault: retry).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -45,6 +46,18 @@ TABLE_SIZE = 7 << 20
 KERNEL_RESERVED = TABLE_BASE + TABLE_SIZE
 
 
+@dataclass(frozen=True)
+class Done:
+    """What a kernel operation made its vCPU do."""
+
+    stores: int = 0
+    tlbies: int = 0  # process-scoped tlbies (ProcessTlbie)
+    rpt_invalidates: int = 0  # process-scoped H_RPT_INVALIDATE hcalls (without GTSE)
+
+    def __add__(self, other: Done) -> Done:
+        return Done(self.stores + other.stores, self.tlbies + other.tlbies, self.rpt_invalidates + other.rpt_invalidates)
+
+
 class KernelFailed(Exception):
     """The L2 kernel could not do what it needed (a store that did not reach memory, an hcall
     its L1 refused, out of memory); the message is one line."""
@@ -61,6 +74,10 @@ class KernelCpu(Protocol):
         """tlbie PRS=1 ...; tlbsync, over every vCPU of the guest."""
         ...
 
+    async def l2_rpt_invalidate(self, pid: int, type_: int, pg_sizes: int, start: int, end: int) -> int:
+        """H_RPT_INVALIDATE, process scoped (handled by L0); its H_* return code."""
+        ...
+
 
 def kernel_memory(memory: int, region_starts: list[int]) -> int:
     """The L2 real memory the kernel uses: plain RAM from 0 up to the first special region
@@ -71,40 +88,44 @@ def kernel_memory(memory: int, region_starts: list[int]) -> int:
 class GuestOs:
     """One guest's L2 kernel and the mm lock its vCPUs take to change its page tables."""
 
-    def __init__(self, l1_address: str, lpid: int, memory: int) -> None:
+    def __init__(self, l1_address: str, lpid: int, memory: int, use_rpt_invalidate: bool = False) -> None:
         self.l1_address = l1_address
         self.lpid = lpid
-        self.kernel = L2Kernel(memory, KERNEL_PAGE_SHIFT, table_base=TABLE_BASE, table_size=TABLE_SIZE)
+        # use_rpt_invalidate: a pseries L2 without GTSE (flushes with H_RPT_INVALIDATE, not tlbie).
+        self.kernel = L2Kernel(memory, KERNEL_PAGE_SHIFT, table_base=TABLE_BASE, table_size=TABLE_SIZE, use_rpt_invalidate=use_rpt_invalidate)
         self.lock = asyncio.Lock()
         self.registered = False
         self._log = log.bind(l1=l1_address, l1_lpid=lpid)
 
-    async def _perform(self, cpu: KernelCpu, ops: KernelOps) -> tuple[int, int]:
-        """The stores in order, then the tlbies; (stores, tlbies) done.  KernelFailed when a
-        store did not reach memory (the tree would be half built: the access cannot go on)."""
+    async def _perform(self, cpu: KernelCpu, ops: KernelOps) -> Done:
+        """The stores in order, then the flushes (tlbies, or H_RPT_INVALIDATE hcalls).
+        KernelFailed when a store did not reach memory (the tree would be half built: the
+        access cannot go on) or an hcall failed."""
         for addr, value in ops.stores:
             why = await cpu.kernel_store(addr, value)
             if why is not None:
                 raise KernelFailed(f"the L2 kernel's page-table store at L2 real {addr:#x} failed: {why}")
         if ops.invalidations:
             await cpu.process_tlbie(ops.invalidations)
-        return len(ops.stores), len(ops.invalidations)
+        for pid, type_, pg_sizes, start, end in ops.rpt_invalidates:
+            rc = await cpu.l2_rpt_invalidate(pid, type_, pg_sizes, start, end)
+            if rc != f.H.SUCCESS:
+                raise KernelFailed(f"the L2 kernel's H_RPT_INVALIDATE for PID {pid} returned {rc}")
+        return Done(len(ops.stores), len(ops.invalidations), len(ops.rpt_invalidates))
 
-    async def start_process(self, cpu: KernelCpu, pid: int) -> tuple[int, int]:
+    async def start_process(self, cpu: KernelCpu, pid: int) -> Done:
         """Boot the kernel if nobody did yet (process table, H_REGISTER_PROC_TBL), then create
-        process ``pid`` if it does not exist.  (stores, tlbies) performed."""
+        process ``pid`` if it does not exist; what it took."""
         async with self.lock:
-            done = (0, 0)
+            done = Done()
             try:
                 if not self.registered:
                     if not self.kernel.process_table:
-                        s, t = await self._perform(cpu, self.kernel.setup())
-                        done = (done[0] + s, done[1] + t)
+                        done += await self._perform(cpu, self.kernel.setup())
                     await self._register()
                     self.registered = True
                 if pid not in self.kernel.procs:
-                    s, t = await self._perform(cpu, self.kernel.create_process(pid))
-                    done = (done[0] + s, done[1] + t)
+                    done += await self._perform(cpu, self.kernel.create_process(pid))
                     self._log.info("process_created", pid=pid)
             except L2Error as e:
                 raise KernelFailed(f"L2 kernel: {e}") from e
@@ -124,9 +145,9 @@ class GuestOs:
             raise KernelFailed(f"H_REGISTER_PROC_TBL for lpid {self.lpid} returned {resp.hcall_rc}")
         self._log.info("proc_tbl_registered", dw1=hex(dw1))
 
-    async def unmap(self, cpu: KernelCpu, pid: int, ea: int, length: int) -> tuple[int, int]:
+    async def unmap(self, cpu: KernelCpu, pid: int, ea: int, length: int) -> Done:
         """munmap / MADV_DONTNEED of [ea, ea + length): leaves cleared, then the process-scoped
-        tlbies (radix__flush_tlb_range) to every vCPU of the guest.  (stores, tlbies)."""
+        tlbies (radix__flush_tlb_range) to every vCPU of the guest."""
         async with self.lock:
             try:
                 ops = self.kernel.unmap(pid, ea, length)
@@ -134,7 +155,7 @@ class GuestOs:
                 raise KernelFailed(f"L2 kernel: {e}") from e
             return await self._perform(cpu, ops)
 
-    async def handle_fault(self, cpu: KernelCpu, pid: int, ea: int, access: Access, dsisr: int) -> tuple[int, int] | None:
+    async def handle_fault(self, cpu: KernelCpu, pid: int, ea: int, access: Access, dsisr: int) -> Done | None:
         """do_page_fault: demand-map or set R/C, performed; None = segfault (SIGSEGV)."""
         async with self.lock:
             try:
@@ -146,4 +167,4 @@ class GuestOs:
             return await self._perform(cpu, ops)
 
 
-__all__ = ["KERNEL_RESERVED", "GuestOs", "KernelCpu", "KernelFailed", "kernel_memory"]
+__all__ = ["KERNEL_RESERVED", "Done", "GuestOs", "KernelCpu", "KernelFailed", "kernel_memory"]

@@ -54,7 +54,7 @@ from nestmmu.wire import OUTCOME_FROM_PB, SCOPE_FROM_PB, SCOPE_TO_PB, pte_from_f
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
 from ..connection import channel_options
-from .guestos import GuestOs, KernelFailed
+from .guestos import Done, GuestOs, KernelFailed
 
 log = structlog.get_logger("l2.vcpu")
 
@@ -154,8 +154,9 @@ class RunStream:
         self._pid = -1
         self._sent: list[tuple[int, int]] = []
         self._faults: list[tuple[int, int, int]] = []
-        self._tlbie_id = 0
+        self._tlbie_id = 0  # the last ProcessTlbie / L2 hcall sent (one in flight)
         self._tlbie_done = asyncio.Event()
+        self._hcall_rc: int | None = None
         self.segfault_details: list[str] = []
 
     @property
@@ -275,12 +276,11 @@ class RunStream:
         if self.guest is None:
             raise VcpuFailed("virtual mode needs the guest's L2 kernel (internal error: none given)")
         try:
-            stores, tlbies = await self.guest.start_process(self, pid)
+            done = await self.guest.start_process(self, pid)
         except KernelFailed as e:
             raise VcpuFailed(str(e)) from e
         with self.lock:
-            self.stats["kernel_stores"] += stores
-            self.stats["process_tlbies"] += tlbies
+            self._count_kernel(done)
             self.vcpu.pid = pid
             self._pid = pid
 
@@ -317,8 +317,7 @@ class RunStream:
                             self.segfault_details.append(f"vCPU {self.vcpu_id}: SIGSEGV: {what} at EA {addr:#x} of PID {pid} (DSISR {dsisr:#x})")
                         continue
                     self.stats["guest_faults_handled"] += 1
-                    self.stats["kernel_stores"] += got[0]
-                    self.stats["process_tlbies"] += got[1]
+                    self._count_kernel(got)
                 retry.append((addr, kind))
             if retry:
                 with self.lock:
@@ -331,14 +330,19 @@ class RunStream:
         assert self.guest is not None
         pid = 0 if ea >> f.EA_QUADRANT_SHIFT == 3 else self._pid
         try:
-            stores, tlbies = await self.guest.unmap(self, pid, ea, 1)
+            done = await self.guest.unmap(self, pid, ea, 1)
         except KernelFailed as e:
             self._access_error(str(e))
             return
         with self.lock:
             self.stats["munmaps"] += 1
-            self.stats["kernel_stores"] += stores
-            self.stats["process_tlbies"] += tlbies
+            self._count_kernel(done)
+
+    def _count_kernel(self, done: Done) -> None:
+        """What the kernel made this vCPU do (the caller holds the lock)."""
+        self.stats["kernel_stores"] += done.stores
+        self.stats["process_tlbies"] += done.tlbies
+        self.stats["l2_rpt_invalidates"] += done.rpt_invalidates
 
     def _access_error(self, why: str) -> None:
         with self.lock:
@@ -377,12 +381,29 @@ class RunStream:
         self._tlbie_done.clear()
         self._progress = time.monotonic()
         self.out.put_nowait(l0_pb2.RunRequest(process_tlbie=msg))
+        await self._wait_tlbie("a process-scoped tlbie (tlbsync)")
+
+    async def l2_rpt_invalidate(self, pid: int, type_: int, pg_sizes: int, start: int, end: int) -> int:
+        """H_RPT_INVALIDATE from this vCPU (an L2 without GTSE): it exits to L0, which performs
+        a process-scoped one for the guest's shadow LPID and returns its code (L2HcallDone)."""
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+        self._tlbie_id += 1
+        self._hcall_rc = None
+        msg = l0_pb2.L2RptInvalidate(id=self._tlbie_id, pid=pid, type=type_, page_sizes=pg_sizes, start=start, end=end)
+        self._tlbie_done.clear()
+        self._progress = time.monotonic()
+        self.out.put_nowait(l0_pb2.RunRequest(l2_rpt_invalidate=msg))
+        await self._wait_tlbie("an H_RPT_INVALIDATE")
+        return self._hcall_rc if self._hcall_rc is not None else f.H.FUNCTION
+
+    async def _wait_tlbie(self, what: str) -> None:
         while not self._tlbie_done.is_set():
             try:
                 await asyncio.wait_for(self._tlbie_done.wait(), 1.0)
             except TimeoutError:
                 if self.failure is not None or time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
-                    raise VcpuFailed(self.failure or f"no tlbsync for a process-scoped tlbie for {BATCH_PROGRESS_TIMEOUT}s") from None
+                    raise VcpuFailed(self.failure or f"no answer to {what} for {BATCH_PROGRESS_TIMEOUT}s") from None
         if self.failure is not None:
             raise VcpuFailed(self.failure)
 
@@ -473,6 +494,10 @@ class RunStream:
                         self._send_tlb_dump(msg.tlb_dump_request.id)
                     elif which == "process_tlbie_done":
                         if msg.process_tlbie_done.id == self._tlbie_id:
+                            self._wake(self._tlbie_done)
+                    elif which == "l2_hcall_done":
+                        if msg.l2_hcall_done.id == self._tlbie_id:
+                            self._hcall_rc = msg.l2_hcall_done.hcall_rc
                             self._wake(self._tlbie_done)
                     elif which == "ended":
                         # L0's own reason, before the status (which grpc may replace by

@@ -60,6 +60,7 @@ _REPORT_FIELDS = (
     "kernel_stores",
     "process_tlbies",
 )
+#: Counters of virtual mode kept in the report's extra map only: munmaps, l2_rpt_invalidates.
 
 
 def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
@@ -170,7 +171,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 await context.abort(code, f"CreateGuest via L1 at {l1_address} failed: {e.code().name}: {e.details()}")
         return resp.lpid, resp.hcall_rc
 
-    async def _guest_os(self, context: Ctx, l1_address: str, lpid: int, memory: int | None) -> GuestOs:
+    async def _guest_os(self, context: Ctx, l1_address: str, lpid: int, memory: int | None, use_rpt_invalidate: bool = False) -> GuestOs:
         """The guest's L2 kernel, created on its first virtual-mode workload.  ``memory``: the
         guest's size when RunWorkload just created it (plain RAM; an older kernel under the same
         lpid belonged to a destroyed guest); else L1 describes the guest, and a kernel this
@@ -201,7 +202,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 )
             memory = kernel_memory(g.guest.memory_bytes, [r.n_gpa for r in g.guest.regions])
         try:
-            gos = GuestOs(l1_address, lpid, memory)
+            gos = GuestOs(l1_address, lpid, memory, use_rpt_invalidate)
         except L2Error as e:
             await abort_invalid(context, "lpid", f"guest {lpid} cannot run the L2 kernel of virtual mode: {e}")
             raise AssertionError("unreachable") from e  # pragma: no cover
@@ -254,7 +255,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             spec = dataclasses.replace(spec, data_fresh=spec.data)
             if rc != f.H.SUCCESS:
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
-        guest = await self._guest_os(context, request.l1_address, lpid, created) if spec.virtual else None
+        guest = await self._guest_os(context, request.l1_address, lpid, created, request.workload.l2_rpt_invalidate) if spec.virtual else None
         log.info(
             "workload_started",
             l1=request.l1_address,

@@ -576,6 +576,7 @@ def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, in
         "kernel_stores": sum(r.kernel_stores for r in reports),
         "process_tlbies": sum(r.process_tlbies for r in reports),
         "munmaps": sum(r.extra.get("munmaps", 0) for r in reports),
+        "l2_rpt_invalidates": sum(r.extra.get("l2_rpt_invalidates", 0) for r in reports),
     }
     if counters:  # L0's counters (workload without --l0 has none)
         walks = counters.get("l0.walks_2d", 0)

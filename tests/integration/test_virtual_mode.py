@@ -129,11 +129,14 @@ def test_a_lackey_trace_runs_in_virtual_mode_through_the_l2_kernel(lc: cluster.L
     assert cluster.audit_outcome(aud) == "CLEAN", (list(aud.violations), list(aud.inconclusive_reasons))
 
 
-def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluster, tmp_path: Path) -> None:
-    """The L2 kernel's process-scoped tlbies (munmap -> radix__flush_tlb_range, tlbie PRS=1)
-    go through L0's broadcast for the guest's shadow LPID: a bystander vCPU of the same guest
-    receives and acknowledges each one, tagged with the PID, and the workload still completes
-    (pages refault into fresh ones) with a clean audit."""
+@pytest.mark.parametrize("rpt", [False, True], ids=["tlbie", "h_rpt_invalidate"])
+def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluster, tmp_path: Path, rpt: bool) -> None:
+    """The L2 kernel's process-scoped flushes after munmap (radix__flush_tlb_range) reach every
+    vCPU of the guest through L0's broadcast for its shadow LPID: with GTSE as tlbie PRS=1
+    (ProcessTlbie), without it as H_RPT_INVALIDATE, which exits to L0 and L0 performs itself
+    (kvmppc_nested_h_rpt_invalidate -> do_h_rpt_invalidate_prt).  A bystander vCPU of the same
+    guest receives and acknowledges each one, tagged with the PID, and the workload still
+    completes (pages refault into fresh ones) with a clean audit."""
     trace = tmp_path / "lackey.out"
     per_pass = write_trace(trace)
     accesses = 4 * per_pass
@@ -161,6 +164,7 @@ def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluste
                                 virtual_mode=True,
                                 pid=PID,
                                 unmap_every=2,
+                                l2_rpt_invalidate=rpt,
                             ),
                         ),
                         timeout=120,
@@ -173,15 +177,21 @@ def test_l2_kernel_munmaps_reach_every_vcpu_of_the_guest(lc: cluster.LocalCluste
 
     rep, seen, counters, aud = asyncio.run(go())
     assert rep.accesses == 2 * accesses and rep.errors == 0 and rep.segfaults == 0, (rep.errors, list(rep.error_details))
-    assert rep.extra["munmaps"] > 0 and rep.process_tlbies > 0, rep
+    flushes = rep.extra["l2_rpt_invalidates"] if rpt else rep.process_tlbies
+    assert rep.extra["munmaps"] > 0 and flushes > 0, rep
+    assert (rep.process_tlbies if rpt else rep.extra.get("l2_rpt_invalidates", 0)) == 0, rep
     # The pages came back: more guest faults than pages (refaults after the munmaps).
     assert rep.guest_faults_handled > len(ea_pages())
-    # Every process-scoped tlbie reached the bystander, as the kernel issued it.
+    # Every process-scoped flush reached the bystander, as the kernel issued it (one page each).
     l2_flushes = [i for i in seen if i.prs]
-    assert len(l2_flushes) == rep.process_tlbies, (len(l2_flushes), rep.process_tlbies)
+    assert len(l2_flushes) == flushes, (len(l2_flushes), flushes)
     assert all(i.pid == PID and i.scope == common_pb2.INVALIDATION_SCOPE_ADDRESS and i.size_bytes == 1 << 16 for i in l2_flushes)
     assert {i.address for i in l2_flushes} <= set(ea_pages())
-    assert counters.get("svc.process_tlbies", 0) >= rep.process_tlbies
+    assert {i.reason for i in l2_flushes} == ({"rpt_prt_va"} if rpt else {"l2_flush_page"})
+    if rpt:
+        assert counters.get("l0.hcall.L2_H_RPT_INVALIDATE", 0) >= flushes
+    else:
+        assert counters.get("svc.process_tlbies", 0) >= flushes
     assert cluster.audit_outcome(aud) == "CLEAN", (list(aud.violations), list(aud.inconclusive_reasons))
 
 
