@@ -172,6 +172,7 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         attached_audit=attached_audit if l0 else None,
         virtual=_virtual(args),
         pid=args.pid,
+        no_gtse=args.no_gtse,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -235,6 +236,8 @@ def _check_mode(args: argparse.Namespace) -> None:
         )
     if args.pid is not None and not _virtual(args):
         raise CliError("--pid needs virtual mode (--mode virtual, or --trace)", EXIT_USAGE)
+    if args.no_gtse and not _virtual(args):
+        raise CliError("--no-gtse needs virtual mode (--mode virtual, or --trace)", EXIT_USAGE)
     if args.pid is None:
         args.pid = 1
 
@@ -462,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
             "faults, 2-D and shadow walk references). Default: virtual with --trace, real otherwise",
         )
         q.add_argument("--pid", type=_int_range(1, (1 << 20) - 1), help="virtual mode: the L2 process id (PIDR) the vCPUs run (default 1)")
+        q.add_argument(
+            "--no-gtse",
+            action="store_true",
+            help="virtual mode: the L2 kernels run without GTSE and flush with process-scoped H_RPT_INVALIDATE (performed by L0) instead of tlbie",
+        )
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")
     w.add_argument("--l1", action="append", required=True, type=named_host_port, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")

@@ -387,6 +387,7 @@ async def run_default_workload(
     attached_audit: dict[str, Any] | None = None,
     virtual: bool = False,
     pid: int = 1,
+    no_gtse: bool = False,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
@@ -394,6 +395,7 @@ async def run_default_workload(
     addresses through the 2-D walk (a trace replays unfolded; the synthetic patterns span at
     most ``VIRTUAL_FOOTPRINT`` of EAs, so the kernel's pages fit the guests); the guests are
     data guests (their page tables are memory contents L1 must keep when it moves pages).
+    ``no_gtse``: the L2 kernels flush with process-scoped H_RPT_INVALIDATE instead of tlbie.
 
     With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
     With ``data``, the guests are data guests and the workloads run in data mode (checked).
@@ -442,6 +444,7 @@ async def run_default_workload(
                             virtual_mode=virtual,
                             pid=pid if virtual else 0,
                             unmap_every=L2_UNMAP_EVERY if virtual and with_churn else 0,
+                            l2_rpt_invalidate=virtual and no_gtse,
                         ),
                     ),
                     timeout=600.0,
