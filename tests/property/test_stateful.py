@@ -702,10 +702,17 @@ class NestedMmuMachine(RuleBasedStateMachine):
             return
         k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
         for pid, proc in k.procs.items():
+            tree = proc.tree
             for page in proc.pages:
-                slot = proc.tree.lookup_leaf(page)
-                assert slot is not None
-                for addr, value in ((k.prte_addr(pid), k.mem.read_u64(k.prte_addr(pid))), (slot.addr, slot.pte)):
+                # Every entry on the path: process-table entry, root, PUD and PMD PDEs, leaf.
+                words = [(k.prte_addr(pid), k.mem.read_u64(k.prte_addr(pid)))]
+                table = tree.root
+                for level in (3, 2, 1, 0):
+                    addr = tree.entry_addr(table, level, page)
+                    words.append((addr, k.mem.read_u64(addr)))
+                    table = words[-1][1] & f.PDE_NLB_MASK
+                assert words[-1][1] & f.PTE_L, f"PID {pid} page {page:#x}: the L2 OS's own view has no leaf"
+                for addr, value in words:
                     got = self._compose_real(addr)
                     if got is None:
                         continue  # swapped out by L1 or the host: the bytes are in a swap slot

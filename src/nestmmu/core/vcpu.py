@@ -69,7 +69,8 @@ class Tlb:
         self._shifts: dict[Ctx, set[int]] = {}
         self._pids: dict[int, set[int]] = {}  # lpid -> PID contexts holding entries
         self._fast: dict[int, int] = {}  # addr >> 12 -> mask, for the running context only
-        self._fast_ctx: Ctx = (-1, -1)
+        self._fast_lpid = -1  # the running context (LPID, PID) the fast cache is for
+        self._fast_pid = -1
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.by_ctx.values())
@@ -90,9 +91,10 @@ class Tlb:
 
     def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
         """Allowed-access mask for addr (0 = miss); cached per 4K page for speed."""
-        if lpid != self._fast_ctx[0] or pid != self._fast_ctx[1]:
+        if lpid != self._fast_lpid or pid != self._fast_pid:
             self._fast.clear()
-            self._fast_ctx = (lpid, pid)
+            self._fast_lpid = lpid
+            self._fast_pid = pid
         key = addr >> 12
         m = self._fast.get(key)
         if m is None:
@@ -109,7 +111,7 @@ class Tlb:
         self._pids.setdefault(t.lpid, set()).add(t.pid)
         page = t.page >> t.shift
         d[(t.shift, page)] = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte), t.pid, t.real_page)
-        if ctx == self._fast_ctx:
+        if t.lpid == self._fast_lpid and t.pid == self._fast_pid:
             if t.shift <= 16:
                 for k in range(t.page >> 12, (t.page + (1 << t.shift)) >> 12):
                     self._fast.pop(k, None)
@@ -135,7 +137,7 @@ class Tlb:
             self._pids.clear()
             self._fast.clear()
             return n
-        if inv.lpid == self._fast_ctx[0]:
+        if inv.lpid == self._fast_lpid:
             self._fast.clear()
         pids = self._pids.get(inv.lpid)
         if not pids:
