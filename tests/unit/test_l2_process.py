@@ -508,3 +508,19 @@ def test_l2_without_gtse_flushes_with_h_rpt_invalidate() -> None:
     assert c.l0.stats["hcall.L2_H_RPT_INVALIDATE"] == 1
     for v in (s, s2):
         assert [e.page for e in v.vcpu.tlb.entries() if e.pid == 1] == [EA + 2 * P64K]
+
+
+def test_ea_demo_cluster_runs_a_process_through_the_2d_walk() -> None:
+    """The in-process 2-D run: every access is an EA of PID 1; misses walk 2-D, hits stay in
+    the (LPID, PID) TLB, the audit is clean, and no walk reads more than the 29 entries of a
+    full 4 x 4 walk (faulting walks stop early)."""
+    from nestmmu.core.sim import ea_demo_cluster
+
+    c = ea_demo_cluster(accesses=3000)
+    s = next(iter(c.sessions.values()))
+    st = s.vcpu.stats
+    assert st["accesses"] == 3000 and st["tlb_hits"] > 2000 and st["errors"] == 0
+    assert all(e.pid in (1, -1) for e in s.vcpu.tlb.entries())
+    assert 0 < c.l0.stats["walk_refs_2d"] <= 29 * c.l0.stats["walks_2d"]
+    assert c.l0.stats["walk_refs_2d"] == c.l0.stats["walk_refs_shadow"] + c.l0.stats["walk_refs_process"]
+    assert c.audit().ok
