@@ -508,3 +508,57 @@ def test_l2_without_gtse_flushes_with_h_rpt_invalidate() -> None:
     assert c.l0.stats["hcall.L2_H_RPT_INVALIDATE"] == 1
     for v in (s, s2):
         assert [e.page for e in v.vcpu.tlb.entries() if e.pid == 1] == [EA + 2 * P64K]
+
+
+def test_ea_demo_cluster_runs_a_process_through_the_2d_walk() -> None:
+    """The in-process 2-D run: every access is an EA of PID 1; misses walk 2-D, hits stay in
+    the (LPID, PID) TLB, the audit is clean, and no walk reads more than the 29 entries of a
+    full 4 x 4 walk (faulting walks stop early)."""
+    from nestmmu.core.sim import ea_demo_cluster
+
+    c = ea_demo_cluster(accesses=3000)
+    s = next(iter(c.sessions.values()))
+    st = s.vcpu.stats
+    assert st["accesses"] == 3000 and st["tlb_hits"] > 2000 and st["errors"] == 0
+    assert all(e.pid in (1, -1) for e in s.vcpu.tlb.entries())
+    assert 0 < c.l0.stats["walk_refs_2d"] <= 29 * c.l0.stats["walks_2d"]
+    assert c.l0.stats["walk_refs_2d"] == c.l0.stats["walk_refs_shadow"] + c.l0.stats["walk_refs_process"]
+    assert c.audit().ok
+
+
+def test_table_read_miss_during_a_fetch_is_an_hisi_with_prtable_fault() -> None:
+    """A process-scoped table read that misses the shadow during an instruction fetch is an
+    HISI whose SRR1 carries the PRTABLE_FAULT bit (kept by KVM's DSISR_SRR1_MATCH_64S in
+    kvmppc_handle_nested_exit) and no ISSTORE; L0 resolves it like an HDSI."""
+    c, s, k = boot()
+    assert c.access_ea(s, EA, IFETCH).outcome is Outcome.FILL
+    slot = k.lookup(1, EA)
+    assert slot is not None
+    c.l0.kvmhv_invalidate_shadow_pte(s.gp, slot.addr)  # the PTE page's shadow leaf
+    c.deliver(c.l0.take_invalidations())
+    w = c.l0.radix_2d_translate(s.gp, EA, IFETCH, 1)
+    assert w.exit is not None and w.exit.trap == f.BOOK3S_INTERRUPT_H_INST_STORAGE
+    assert w.exit.hdsisr == f.DSISR_NOHPTE | f.DSISR_PRTABLE_FAULT and w.exit.hdsisr & f.DSISR_SRR1_MATCH_64S == w.exit.hdsisr
+    # The PUD, PMD and PTE pages share that 64K shadow page: the walk misses at the PUD read
+    # after the PRTE (4 + 1) and the root (4 + 1) were read, with 4 shadow reads that missed.
+    assert w.exit.asdr >> 16 == slot.addr >> 16 and w.exit.asdr != slot.addr
+    assert (w.refs, w.process_refs) == (5 + 5 + 4, 2)
+    s.vcpu.tlb.clear()
+    assert c.access_ea(s, EA, IFETCH).outcome is Outcome.FILL
+
+
+def test_destroy_process_clears_its_entry_and_flushes_the_pid() -> None:
+    """Linux destroy_context / radix__flush_all_mm: the process-table entry is cleared and
+    the PID flushed with RIC=2 (IS=1), which drops every EA entry of that PID only."""
+    c, s, k = boot()
+    s.vcpu.pid = 2
+    assert c.access_ea(s, EA, LOAD).outcome is Outcome.FILL
+    s.vcpu.pid = 1
+    assert c.access_ea(s, EA, LOAD).outcome is Outcome.FILL
+    ops = k.destroy_process(2)
+    assert (k.prte_addr(2), 0) in ops.stores
+    assert [(i.scope, i.pid, i.prs) for i in ops.invalidations] == [(Scope.PID, 2, True)]
+    c.apply_kernel_ops(s, ops)
+    assert s.vcpu.tlb.lookup(s.vcpu.lpid, EA, 2) is None and s.vcpu.tlb.lookup(s.vcpu.lpid, EA, 1) is not None
+    r = walk_again(c, s, EA, LOAD, pid=2)
+    assert r.outcome is Outcome.GUEST_FAULT and r.dsisr & f.DSISR_UNSUPP_MMU  # an empty entry: RTS 0
