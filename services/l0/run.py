@@ -19,11 +19,12 @@ import grpc
 import structlog
 
 from nestmmu.core import formats as f
-from nestmmu.core.effects import AccessResult, NestedExit, Outcome
-from nestmmu.core.formats import Access
+from nestmmu.core.effects import AccessResult, Invalidation, NestedExit, Outcome
+from nestmmu.core.formats import Access, H
 from nestmmu.core.vcpu import TlbEntry, allowed_mask
 from nestmmu.limits import MAX_BATCH, RUN_WORKER_SLICE_S
-from nestmmu.protos import l0_pb2
+from nestmmu.protos import common_pb2, l0_pb2
+from nestmmu.wire import SCOPE_FROM_PB
 
 from ..common import abort_invalid, new_request_id, request_id_var
 from . import data as data_mode
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .server import L0Servicer
 
 log = structlog.get_logger("l0")
+
+#: What a Run stream's worker takes, in the vCPU's program order (None: the stream ended).
+Work = l0_pb2.AccessBatch | l0_pb2.NestedExitRequest | l0_pb2.ProcessTlbie | l0_pb2.L2RptInvalidate | None
 
 
 async def serve_run(
@@ -85,7 +89,6 @@ async def serve_run(
         structlog.contextvars.unbind_contextvars("l1", "shadow_lpid", "vcpu")
 
 
-Work = l0_pb2.AccessBatch | l0_pb2.NestedExitRequest | None
 #: The non-fault exits a vCPU may report (core/exitclock.py).
 NESTED_EXIT_TRAPS = (f.BOOK3S_INTERRUPT_HV_DECREMENTER, f.BOOK3S_INTERRUPT_SYSCALL)
 
@@ -98,16 +101,43 @@ async def read_run(st: RunStream, it: AsyncIterator[l0_pb2.RunRequest], batches:
                 batches.put_nowait(req.batch)
             elif kind == "nested_exit":  # in order with the batches: the worker takes it
                 batches.put_nowait(req.nested_exit)
+            elif kind == "process_tlbie":  # in program order with the batches (worker)
+                batches.put_nowait(req.process_tlbie)
+            elif kind == "l2_rpt_invalidate":
+                batches.put_nowait(req.l2_rpt_invalidate)
             elif kind == "ack":
                 st.ack(list(req.ack.invalidation_ids))
             elif kind == "tlb_dump":
                 fut = st.dumps.pop(req.tlb_dump.id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result([TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte)) for e in req.tlb_dump.entries])
+                    fut.set_result([tlb_entry_of(e) for e in req.tlb_dump.entries])
     except (grpc.aio.AioRpcError, asyncio.CancelledError):
         pass
     finally:
         batches.put_nowait(None)
+
+
+async def run_l2_rpt_invalidate(svc: L0Servicer, st: RunStream, m: l0_pb2.L2RptInvalidate) -> None:
+    """The L2's H_RPT_INVALIDATE exits to L0, which handles a process-scoped one itself
+    (kvmppc_nested_h_rpt_invalidate): tlbies of (shadow LPID, PID) to every vCPU of the LPID,
+    then the hcall returns to L2.  A NESTED-type one would be reflected to L1, which this
+    path does not model (H_FUNCTION; the L2 kernel never issues one)."""
+    rc = svc.core.kvmppc_nested_h_rpt_invalidate(st.gp, m.pid, m.type, m.page_sizes, m.start, m.end)
+    waiters = svc.broadcast(svc.core.take_invalidations())
+    if waiters:
+        await svc.wait_acks(waiters)
+    if rc is None:
+        svc.stats["l2_hcalls_not_modelled"] += 1
+        rc = H.FUNCTION
+    if st.alive:
+        st.flush_results()
+        st.out.put_nowait(l0_pb2.RunResponse(l2_hcall_done=l0_pb2.L2HcallDone(id=m.id, hcall_rc=rc)))
+
+
+def tlb_entry_of(e: l0_pb2.TlbDumpEntry) -> TlbEntry:
+    """A dumped TLB entry; one without a PID (or PID -1) is a real-mode entry."""
+    pid = e.pid if e.HasField("pid") and e.pid >= 0 else -1
+    return TlbEntry(e.lpid, e.page_address, e.host_address, e.page_shift, e.pte, allowed_mask(e.pte), pid, e.real_page_address if pid >= 0 else -1)
 
 
 def check_batch(b: l0_pb2.AccessBatch) -> str | None:
@@ -118,7 +148,10 @@ def check_batch(b: l0_pb2.AccessBatch) -> str | None:
         return f"invalid:batch.addresses:{n} accesses; at most {MAX_BATCH} (MAX_BATCH) per batch"
     if any(k not in (1, 2, 3) for k in b.kinds):
         return "invalid:batch.kinds:each kind must be 1 (load), 2 (store) or 3 (ifetch)"
-    if n and max(b.addresses) >= 1 << 52:
+    if b.virtual_mode and b.data:
+        return "invalid:batch.virtual_mode:data batches run in real mode (they are the L2 kernel's stores)"
+    # Effective addresses (virtual mode) are any 64-bit value: the walk itself judges them.
+    if n and not b.virtual_mode and max(b.addresses) >= 1 << 52:
         return "invalid:batch.addresses:L2 real addresses must be below 2^52"
     return None
 
@@ -140,6 +173,37 @@ async def run_nested_exit(svc: L0Servicer, st: RunStream, e: l0_pb2.NestedExitRe
     return True
 
 
+_TLBIE_SCOPES = (common_pb2.INVALIDATION_SCOPE_ADDRESS, common_pb2.INVALIDATION_SCOPE_PID)
+
+
+def check_process_tlbie(m: l0_pb2.ProcessTlbie) -> str | None:
+    for i, inv in enumerate(m.invalidations):
+        if not inv.prs:
+            return f"invalid:process_tlbie.invalidations[{i}].prs:an L2 guest issues only process-scoped tlbies (PRS=1); partition scope is its hypervisor's"
+        if inv.scope not in _TLBIE_SCOPES:
+            return f"invalid:process_tlbie.invalidations[{i}].scope:must be ADDRESS or PID"
+        if inv.pid < 0:
+            return f"invalid:process_tlbie.invalidations[{i}].pid:must be a PID (>= 0)"
+    return None
+
+
+async def run_process_tlbie(svc: L0Servicer, st: RunStream, m: l0_pb2.ProcessTlbie) -> None:
+    """An L2 OS's tlbie PRS=1 ...; tlbsync: the hardware tags it with the issuing vCPU's
+    LPIDR (the shadow LPID) and broadcasts it to every vCPU running that LPID; no hypervisor
+    is involved and no shadow PTE changes (shadow tables are partition scoped).  Done once
+    every live vCPU of the LPID acknowledged it, the issuer included."""
+    invs = [
+        Invalidation(st.lpid, SCOPE_FROM_PB[inv.scope], inv.address, inv.size_bytes, inv.reason or "l2_tlbie", prs=True, pid=inv.pid) for inv in m.invalidations
+    ]
+    waiters = svc.broadcast(invs)
+    if waiters:
+        await svc.wait_acks(waiters)
+    svc.stats["process_tlbies"] += len(invs)
+    if st.alive:
+        st.flush_results()
+        st.out.put_nowait(l0_pb2.RunResponse(process_tlbie_done=l0_pb2.ProcessTlbieDone(id=m.id, vcpus=len({w[0] for w in waiters}))))
+
+
 async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work]) -> None:
     core = svc.core
     try:
@@ -150,6 +214,16 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
             if isinstance(b, l0_pb2.NestedExitRequest):
                 if not await run_nested_exit(svc, st, b):
                     break
+                continue
+            if isinstance(b, l0_pb2.ProcessTlbie):
+                err = check_process_tlbie(b)
+                if err:
+                    st.close(err)
+                    break
+                await run_process_tlbie(svc, st, b)
+                continue
+            if isinstance(b, l0_pb2.L2RptInvalidate):
+                await run_l2_rpt_invalidate(svc, st, b)
                 continue
             err = check_batch(b)
             if err:
@@ -170,6 +244,9 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
                 continue
             gp = st.gp
             vcpu_id = st.vcpu_id
+            pid = b.pid if b.virtual_mode else -1  # PIDR in virtual mode; real mode: -1
+            if pid >= 0:
+                svc.stats["virtual_batches"] += 1
             n = 0
             slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
             for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
@@ -183,7 +260,7 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
                     st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
                     continue
                 try:
-                    await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind)), functools.partial(st.add_result, i))
+                    await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind), pid), functools.partial(st.add_result, i))
                 except (L1Gone, TimeoutError) as e:
                     st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
                     svc.stats["access_errors_l1_unavailable"] += 1

@@ -59,10 +59,14 @@ class RunStream:
             res.page_addresses.append(t.page)
             res.host_addresses.append(t.host)
             res.flags.append(fill_flags(t.pte, t.shift))
+            res.pids.append(t.pid)
+            res.real_page_addresses.append(max(t.real_page, 0))
         else:
             res.page_addresses.append(0)
             res.host_addresses.append(0)
             res.flags.append(0)
+            res.pids.append(-1)
+            res.real_page_addresses.append(0)
         res.dsisrs.append(r.dsisr)
         if r.outcome is Outcome.ERROR:
             res.error_reasons[index] = r.detail or "the access failed in L0 (no detail)"
@@ -82,7 +86,16 @@ class RunStream:
         msg = l0_pb2.InvalidationBroadcast()
         futs = []
         for inv_id, inv in items:
-            msg.invalidations.add(id=inv_id, lpid=inv.lpid, scope=SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason)
+            msg.invalidations.add(
+                id=inv_id,
+                lpid=inv.lpid,
+                scope=SCOPE_TO_PB[inv.scope],
+                address=inv.address,
+                size_bytes=inv.size,
+                reason=inv.reason,
+                prs=inv.prs,
+                pid=inv.pid if inv.prs else -1,
+            )
             fut = self.acks[inv_id] = loop.create_future()
             futs.append(fut)
         self.out.put_nowait(l0_pb2.RunResponse(invalidate=msg))

@@ -55,8 +55,10 @@ def region_to_proto(r: GuestRegion) -> l1_pb2.GuestRegion:
     )
 
 
-def guest_info(g: L2Guest) -> l1_pb2.GuestInfo:
+def guest_info(g: L2Guest, pate_dw1: int = 0) -> l1_pb2.GuestInfo:
     return l1_pb2.GuestInfo(
+        pate_dw1=pate_dw1,
+        data=g.data,
         lpid=g.lpid,
         page_shift=g.page_shift,
         memory_bytes=g.memory,
@@ -78,6 +80,11 @@ def _field_of_config_error(msg: str) -> str:
     if "memory" in low:
         return "memory_bytes"
     return "lpid"
+
+
+def _pate_dw1(core: L1Hypervisor, lpid: int) -> int:
+    """PATE dw1 of guest ``lpid`` as it stands in L1's partition table (in L1 memory)."""
+    return core.mem.read_u64(core.partition_table + lpid * f.PATE_SIZE + 8)
 
 
 class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
@@ -255,15 +262,35 @@ class L1Servicer(l1_pb2_grpc.L1ServiceServicer):
         log.info("guest_destroyed", lpid=request.lpid, pages=pages, hcall_rc=rc)
         return l1_pb2.DestroyGuestResponse(hcall_rc=rc, pages_changed=pages)
 
+    async def RegisterProcTbl(self, request: l1_pb2.RegisterProcTblRequest, context: Ctx) -> l1_pb2.RegisterProcTblResponse:
+        """H_REGISTER_PROC_TBL from the L2 kernel of guest ``lpid``: the core writes PATE dw1
+        and returns the LPID flush Linux-as-L1 issues after a PATE change; issued like any
+        other tree change (the audit does not judge the guest while it is in flight)."""
+        core = await self._core(context)
+        await self._guest(context, core, request.lpid)
+        try:
+            async with self.lock:
+                hcalls = core.h_register_proc_tbl(request.lpid, request.proc_tbl_dw1)
+                self.session.begin_tree_change(request.lpid, hcalls)
+        except ConfigError as e:  # a process table the hypervisor refuses: the hcall fails
+            log.info("register_proc_tbl_refused", lpid=request.lpid, dw1=hex(request.proc_tbl_dw1), reason=str(e))
+            return l1_pb2.RegisterProcTblResponse(hcall_rc=f.H.PARAMETER)
+        try:
+            rc = await self._issue(context, hcalls)
+        finally:
+            self.session.end_tree_change(request.lpid, hcalls)
+        log.info("proc_tbl_registered", lpid=request.lpid, dw1=hex(request.proc_tbl_dw1), hcall_rc=rc)
+        return l1_pb2.RegisterProcTblResponse(hcall_rc=rc)
+
     # ------------------------------------------------------------------ inspection
     async def GetGuest(self, request: l1_pb2.GetGuestRequest, context: Ctx) -> l1_pb2.GetGuestResponse:
         core = await self._core(context, need_l0=False)
         g = await self._guest(context, core, request.lpid)
-        return l1_pb2.GetGuestResponse(guest=guest_info(g))
+        return l1_pb2.GetGuestResponse(guest=guest_info(g, _pate_dw1(core, g.lpid)))
 
     async def ListGuests(self, request: l1_pb2.ListGuestsRequest, context: Ctx) -> l1_pb2.ListGuestsResponse:
         core = await self._core(context, need_l0=False)
-        return l1_pb2.ListGuestsResponse(guests=[guest_info(core.guests[k]) for k in sorted(core.guests)])
+        return l1_pb2.ListGuestsResponse(guests=[guest_info(core.guests[k], _pate_dw1(core, k)) for k in sorted(core.guests)])
 
     async def WalkTree(self, request: l1_pb2.WalkTreeRequest, context: Ctx) -> l1_pb2.WalkTreeResponse:
         core = await self._core(context, need_l0=False)

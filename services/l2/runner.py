@@ -3,6 +3,12 @@
 The vCPU itself (TLB, hit scan, batching rounds, counters) is the core
 :class:`~nestmmu.core.vcpu.Vcpu`; this module only moves its batches and results over gRPC.
 
+Virtual mode (``WorkloadSpec.virtual``): the vCPU runs process ``pid`` of the guest's L2 kernel
+(:mod:`.guestos`).  Its batches are effective addresses; an access that ends in GUEST_FAULT (a
+process-scoped DSI/ISI, no hypervisor exit) is handed to the kernel after its round, whose
+page-table stores this vCPU performs as real-mode data stores (``kernel_store``) and whose
+tlbies it issues on the Run stream (``process_tlbie``), and is then retried; a segfault ends it.
+
 Ordering (architecture.md, "Fill vs. broadcast on a run stream"): L0 interleaves a batch's
 results with LPID-tagged invalidations in the order they happened under the guest's
 tlb_lock. One reader is the only consumer of the stream and applies every message in
@@ -37,16 +43,19 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from nestmmu.core import formats as f
 from nestmmu.core.data import DataMessage, DataVcpu
 from nestmmu.core.effects import AccessResult, Invalidation, NestedExit, Outcome, Scope, Translation
 from nestmmu.core.exitclock import ExitClock, clocked
+from nestmmu.core.formats import Access
 from nestmmu.core.vcpu import Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import l0_pb2, l0_pb2_grpc
-from nestmmu.wire import SCOPE_FROM_PB, pte_from_flags
+from nestmmu.wire import OUTCOME_FROM_PB, SCOPE_FROM_PB, SCOPE_TO_PB, pte_from_flags
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
 from ..connection import channel_options
+from .guestos import Done, GuestOs, KernelFailed
 
 log = structlog.get_logger("l2.vcpu")
 
@@ -63,9 +72,15 @@ GIL_SWITCH_INTERVAL_S = 0.001
 #: (about a millisecond) for the scan to let it in.  Scanning a batch in slices gives the same
 #: hits and misses as one scan, except that a tlbie may now land between slices, as on hardware.
 SCAN_SLICE = 1024
+#: Virtual mode: segfaults one vCPU describes in the report (the rest are only counted).
+MAX_SEGFAULT_DETAILS = 4
+#: Virtual mode: how many times one access may take a guest fault that its kernel handled
+#: before the vCPU gives up on it (demand map, then R/C: two is the most a healthy run needs).
+MAX_GUEST_FAULT_ROUNDS = 4
 
 _FILL = l0_pb2.ACCESS_OUTCOME_FILL
 _SI = l0_pb2.ACCESS_OUTCOME_STORAGE_INTERRUPT
+_GUEST_FAULT = l0_pb2.ACCESS_OUTCOME_GUEST_FAULT
 _OTHER_OUTCOMES = {
     l0_pb2.ACCESS_OUTCOME_MMIO_EMULATED: AccessResult(Outcome.MMIO_EMULATED),
     l0_pb2.ACCESS_OUTCOME_L1_EMULATED: AccessResult(Outcome.L1_EMULATED),
@@ -105,7 +120,7 @@ def _drain(q: queue.Queue[l0_pb2.RunRequest | None]) -> Iterator[l0_pb2.RunReque
 class RunStream:
     """The Run stream of one attached vCPU and the reader that applies L0's messages."""
 
-    def __init__(self, vcpu_id: int, l1_lpid: int, l0_address: str, run_token: str, hdec_every: int = 0) -> None:
+    def __init__(self, vcpu_id: int, l1_lpid: int, l0_address: str, run_token: str, guest: GuestOs | None = None, hdec_every: int = 0) -> None:
         self.vcpu_id = vcpu_id
         self.hdec_every = hdec_every  # the HDEC L1 programs (AttachVcpu), on the logical clock
         self.l1_lpid = l1_lpid
@@ -133,6 +148,18 @@ class RunStream:
         self._log = log.bind(vcpu_id=vcpu_id, l1_lpid=l1_lpid)
         self.data: DataVcpu | None = None  # data mode (see _run_data)
         self._data_result: tuple[list[int], bytes] | None = None
+        self._batch_data = False  # the open batch is a data batch (data mode, kernel stores)
+        self._data_outcome = ""  # a kernel store's outcome when it did not reach memory
+        # Virtual mode: the guest's OS, the PID this vCPU runs (-1: real mode), the accesses of
+        # the open batch, and those of its results that were guest faults (addr, kind, dsisr).
+        self.guest = guest
+        self._pid = -1
+        self._sent: list[tuple[int, int]] = []
+        self._faults: list[tuple[int, int, int]] = []
+        self._tlbie_id = 0  # the last ProcessTlbie / L2 hcall sent (one in flight)
+        self._tlbie_done = asyncio.Event()
+        self._hcall_rc: int | None = None
+        self.segfault_details: list[str] = []
 
     @property
     def stats(self) -> Counter[str]:
@@ -160,10 +187,13 @@ class RunStream:
             self._log.info("vcpu_attached", l0=self.l0_address)
             vcpu = self.vcpu
             lock = self.lock
+            if spec.virtual:
+                await self._start_process(spec.pid)
             if spec.data:
                 await self._run_data(spec, vcpu_index)
             clock = ExitClock(self.hdec_every, spec.hcall_every)
             batches = clocked(generate(spec, vcpu_index), clock) if not spec.data else iter(())
+            nbatch = 0
             big = spec.batch_size > SCAN_SLICE  # generated off the loop, scanned in yielding slices
             loop = asyncio.get_running_loop()
             while (got := await loop.run_in_executor(_GENERATOR, next, batches, None) if big else next(batches, None)) is not None:
@@ -179,6 +209,8 @@ class RunStream:
                         send += vcpu.run_hits(addrs[lo : lo + SCAN_SLICE], kinds[lo : lo + SCAN_SLICE])
                 while send:
                     await self._round(send)
+                    if self._pid >= 0:
+                        await self._settle_guest_faults()
                     with lock:
                         again = vcpu.take_deferred()  # next_round, rescanned in slices
                     send = []
@@ -187,6 +219,9 @@ class RunStream:
                             await asyncio.sleep(0)
                         with lock:
                             send += vcpu.rescan(again[lo : lo + SCAN_SLICE])
+                nbatch += 1
+                if self._pid >= 0 and spec.unmap_every and addrs and nbatch % spec.unmap_every == 0:
+                    await self._munmap(addrs[0])
                 await asyncio.sleep(0)  # other vCPUs and RPCs of this process (acks do not wait for this)
                 if self.failure is not None:
                     raise VcpuFailed(self.failure)
@@ -217,10 +252,15 @@ class RunStream:
         self._batch_id += 1
         rid = new_request_id()
         batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=[a for a, _ in send], kinds=bytes(k for _, k in send))
+        if self._pid >= 0:
+            batch.virtual_mode = True
+            batch.pid = self._pid
         if _HAS_BATCH_REQUEST_ID:
             batch.request_id = rid  # type: ignore[attr-defined,unused-ignore]
         with self.lock:
             self._expected, self._received = len(send), 0
+            self._sent = send
+            self._batch_data = False
             self._batch_open = True
             self.stats["batches_sent"] += 1
         self._done.clear()
@@ -241,6 +281,143 @@ class RunStream:
                 if time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
                     self.failure = f"no results for batch {self._batch_id} for {BATCH_PROGRESS_TIMEOUT}s"
                     return
+
+    # ------------------------------------------------------------------ virtual mode
+    async def _start_process(self, pid: int) -> None:
+        """Boot the guest's kernel if needed and create process ``pid``; then run it (PIDR)."""
+        if self.guest is None:
+            raise VcpuFailed("virtual mode needs the guest's L2 kernel (internal error: none given)")
+        try:
+            done = await self.guest.start_process(self, pid)
+        except KernelFailed as e:
+            raise VcpuFailed(str(e)) from e
+        with self.lock:
+            self._count_kernel(done)
+            self.vcpu.pid = pid
+            self._pid = pid
+
+    async def _settle_guest_faults(self) -> None:
+        """Hand the last round's guest faults to the kernel, one at a time under its mm lock,
+        and retry the accesses it fixed (as a new round, which may fault again), until none is
+        left.  A segfault or a kernel failure ends its access (counted, with its reason)."""
+        assert self.guest is not None
+        tries: Counter[tuple[int, int]] = Counter()
+        while True:
+            with self.lock:
+                faults, self._faults = self._faults, []
+            if not faults:
+                return
+            retry: list[tuple[int, int]] = []
+            for addr, kind, dsisr in faults:
+                tries[(addr, kind)] += 1
+                if tries[(addr, kind)] > MAX_GUEST_FAULT_ROUNDS:
+                    self._access_error(f"guest fault at EA {addr:#x} still there after the L2 kernel handled it {MAX_GUEST_FAULT_ROUNDS} times")
+                    continue
+                try:
+                    # Quadrant 3 (EA bits 0:1 = 0b11) translates with PID 0, the kernel's own.
+                    pid = 0 if addr >> f.EA_QUADRANT_SHIFT == 3 else self._pid
+                    got = await self.guest.handle_fault(self, pid, addr, Access(kind), dsisr)
+                except KernelFailed as e:
+                    self._access_error(str(e))
+                    continue
+                with self.lock:
+                    if got is None:
+                        self.stats["segfaults"] += 1  # SIGSEGV: the access ends here
+                        self._log.debug("segfault", ea=hex(addr), kind=kind, dsisr=hex(dsisr))
+                        if len(self.segfault_details) < MAX_SEGFAULT_DETAILS:
+                            what = Access(kind).name.lower()
+                            self.segfault_details.append(f"vCPU {self.vcpu_id}: SIGSEGV: {what} at EA {addr:#x} of PID {pid} (DSISR {dsisr:#x})")
+                        continue
+                    self.stats["guest_faults_handled"] += 1
+                    self._count_kernel(got)
+                retry.append((addr, kind))
+            if retry:
+                with self.lock:
+                    self.stats["guest_fault_retries"] += len(retry)
+                await self._round(retry)
+
+    async def _munmap(self, ea: int) -> None:
+        """The process drops the page holding ``ea`` (MADV_DONTNEED): the kernel clears its
+        leaf and flushes it from every vCPU of the guest (ProcessTlbie through L0)."""
+        assert self.guest is not None
+        pid = 0 if ea >> f.EA_QUADRANT_SHIFT == 3 else self._pid
+        try:
+            done = await self.guest.unmap(self, pid, ea, 1)
+        except KernelFailed as e:
+            self._access_error(str(e))
+            return
+        with self.lock:
+            self.stats["munmaps"] += 1
+            self._count_kernel(done)
+
+    def _count_kernel(self, done: Done) -> None:
+        """What the kernel made this vCPU do (the caller holds the lock)."""
+        self.stats["kernel_stores"] += done.stores
+        self.stats["process_tlbies"] += done.tlbies
+        self.stats["l2_rpt_invalidates"] += done.rpt_invalidates
+
+    def _access_error(self, why: str) -> None:
+        with self.lock:
+            self.stats["errors"] += 1
+            self.error_reasons[why] += 1
+
+    async def kernel_store(self, addr: int, value: int) -> str | None:
+        """One real-mode store of the L2 kernel, as a data batch of one miss: L0 resolves it
+        (nested faults included) and performs it in host memory."""
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+        with self.lock:
+            self._batch_id += 1
+            batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=[addr], kinds=bytes([Access.STORE]), data=True, values=[value], host_addresses=[0])
+            self._data_result = None
+            self._data_outcome = ""
+            self._sent = [(addr, int(Access.STORE))]
+            self._batch_data = True
+            self._batch_open = True
+            self.stats["batches_sent"] += 1
+            self._done.clear()
+            self._progress = time.monotonic()
+            self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
+        _, done = await self._data_round()
+        return None if done[:1] == b"\x01" else self._data_outcome or "the store did not reach memory"
+
+    async def process_tlbie(self, invalidations: list[Invalidation]) -> None:
+        """tlbie PRS=1 for each, then tlbsync: L0 delivers them to every vCPU of this vCPU's
+        shadow LPID (this one included, through the reader) and answers once all acked."""
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+        self._tlbie_id += 1
+        msg = l0_pb2.ProcessTlbie(id=self._tlbie_id)
+        for inv in invalidations:
+            msg.invalidations.add(scope=SCOPE_TO_PB[inv.scope], address=inv.address, size_bytes=inv.size, reason=inv.reason, prs=True, pid=inv.pid)
+        self._tlbie_done.clear()
+        self._progress = time.monotonic()
+        self.out.put_nowait(l0_pb2.RunRequest(process_tlbie=msg))
+        await self._wait_tlbie("a process-scoped tlbie (tlbsync)")
+
+    async def l2_rpt_invalidate(self, pid: int, type_: int, pg_sizes: int, start: int, end: int) -> int:
+        """H_RPT_INVALIDATE from this vCPU (an L2 without GTSE): it exits to L0, which performs
+        a process-scoped one for the guest's shadow LPID and returns its code (L2HcallDone)."""
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
+        self._tlbie_id += 1
+        self._hcall_rc = None
+        msg = l0_pb2.L2RptInvalidate(id=self._tlbie_id, pid=pid, type=type_, page_sizes=pg_sizes, start=start, end=end)
+        self._tlbie_done.clear()
+        self._progress = time.monotonic()
+        self.out.put_nowait(l0_pb2.RunRequest(l2_rpt_invalidate=msg))
+        await self._wait_tlbie("an H_RPT_INVALIDATE")
+        return self._hcall_rc if self._hcall_rc is not None else f.H.FUNCTION
+
+    async def _wait_tlbie(self, what: str) -> None:
+        while not self._tlbie_done.is_set():
+            try:
+                await asyncio.wait_for(self._tlbie_done.wait(), 1.0)
+            except TimeoutError:
+                if self.failure is not None or time.monotonic() - self._progress > BATCH_PROGRESS_TIMEOUT:
+                    raise VcpuFailed(self.failure or f"no answer to {what} for {BATCH_PROGRESS_TIMEOUT}s") from None
+        if self.failure is not None:
+            raise VcpuFailed(self.failure)
 
     # ------------------------------------------------------------------ data mode
     async def _run_data(self, spec: WorkloadSpec, vcpu_index: int) -> None:
@@ -272,6 +449,7 @@ class RunStream:
         self._batch_id += 1
         batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=msg.addrs, kinds=bytes(msg.kinds), data=True, values=msg.values, host_addresses=msg.hosts)
         self._data_result = None
+        self._batch_data = True
         self._batch_open = True
         self.stats["batches_sent"] += 1
         self._done.clear()
@@ -291,6 +469,11 @@ class RunStream:
             self.stats["stray_results"] += 1
             return
         self._apply_outcomes(r)
+        if r.outcomes and r.outcomes[-1] != _FILL:
+            o = r.outcomes[-1]
+            name = OUTCOME_FROM_PB[o].name if o in OUTCOME_FROM_PB else str(o)
+            dsisr = r.dsisrs[-1] if r.dsisrs else 0
+            self._data_outcome = f"{name} (DSISR {dsisr:#x})" + (f": {next(iter(r.error_reasons.values()))}" if r.error_reasons else "")
         if r.batch_done:
             self._data_result = (list(r.data_loaded), bytes(r.data_done))
             self._batch_open = False
@@ -313,7 +496,7 @@ class RunStream:
                     self._wake(self._attached)
                     continue
                 with lock:
-                    if which == "results" and self.data is not None:
+                    if which == "results" and self._batch_data:
                         self._apply_data_results(msg.results)
                     elif which == "results":
                         self._apply_results(msg.results)
@@ -321,6 +504,13 @@ class RunStream:
                         self._apply_invalidations(msg.invalidate)
                     elif which == "tlb_dump_request":
                         self._send_tlb_dump(msg.tlb_dump_request.id)
+                    elif which == "process_tlbie_done":
+                        if msg.process_tlbie_done.id == self._tlbie_id:
+                            self._wake(self._tlbie_done)
+                    elif which == "l2_hcall_done":
+                        if msg.l2_hcall_done.id == self._tlbie_id:
+                            self._hcall_rc = msg.l2_hcall_done.hcall_rc
+                            self._wake(self._tlbie_done)
                     elif which == "ended":
                         # L0's own reason, before the status (which grpc may replace by
                         # INTERNAL when this vCPU wrote into the already-ended stream).
@@ -341,6 +531,7 @@ class RunStream:
                 self.failure = f"L0 at {self.l0_address} ended the Run stream before RunAttached"
             self._wake(self._attached)
             self._wake(self._done)  # the workload loop checks self.failure
+            self._wake(self._tlbie_done)
 
     def _ended_failure(self) -> str | None:
         return f"L0 ended the Run stream: {self.ended}" if self.ended else None
@@ -358,13 +549,24 @@ class RunStream:
         vcpu = self.vcpu
         lpid = vcpu.lpid
         pages, hosts, flags, dsisrs = r.page_addresses, r.host_addresses, r.flags, r.dsisrs
+        pids, reals = r.pids, r.real_page_addresses
         for i, o in enumerate(r.outcomes):
             if o == _FILL:
                 fl = flags[i]
                 host = hosts[i]
-                vcpu.apply(AccessResult(Outcome.FILL, Translation(lpid, pages[i], host, fl & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK, pte_from_flags(host, fl))))
+                pid = pids[i] if i < len(pids) else -1
+                real = reals[i] if pid >= 0 and i < len(reals) else -1
+                t = Translation(lpid, pages[i], host, fl & l0_pb2.FILL_FLAG_PAGE_SHIFT_MASK, pte_from_flags(host, fl), pid, real)
+                vcpu.apply(AccessResult(Outcome.FILL, t))
             elif o == _SI:
                 vcpu.apply(AccessResult(Outcome.STORAGE_INTERRUPT, dsisr=dsisrs[i] if i < len(dsisrs) else 0))
+            elif o == _GUEST_FAULT:
+                dsisr = dsisrs[i] if i < len(dsisrs) else 0
+                vcpu.apply(AccessResult(Outcome.GUEST_FAULT, dsisr=dsisr))
+                j = r.first_index + i
+                if j < len(self._sent):  # handed to the L2 kernel after the round
+                    addr, kind = self._sent[j]
+                    self._faults.append((addr, kind, dsisr))
             else:
                 vcpu.apply(_OTHER_OUTCOMES.get(o, _ERROR))
         for why in r.error_reasons.values():  # the report names every reason (run_vcpu)
@@ -389,7 +591,7 @@ class RunStream:
         ids = []
         for inv in b.invalidations:
             scope = SCOPE_FROM_PB.get(inv.scope, Scope.LPID)  # unspecified: drop the whole LPID (safe)
-            self.vcpu.invalidate(Invalidation(inv.lpid, scope, inv.address, inv.size_bytes, inv.reason))
+            self.vcpu.invalidate(Invalidation(inv.lpid, scope, inv.address, inv.size_bytes, inv.reason, inv.prs, inv.pid if inv.prs else -1))
             ids.append(inv.id)
         if self.closing:
             return  # half-closed: L0 counts a departing vCPU as flushed
@@ -401,7 +603,12 @@ class RunStream:
     def _send_tlb_dump(self, dump_id: int) -> None:
         if self.closing:
             return
-        entries = [l0_pb2.TlbDumpEntry(lpid=e.lpid, page_address=e.page, host_address=e.host, page_shift=e.shift, pte=e.pte) for e in self.vcpu.tlb.entries()]
+        entries = [
+            l0_pb2.TlbDumpEntry(
+                lpid=e.lpid, page_address=e.page, host_address=e.host, page_shift=e.shift, pte=e.pte, pid=e.pid, real_page_address=max(e.real_page, 0)
+            )  # pid -1: real mode
+            for e in self.vcpu.tlb.entries()
+        ]
         self.out.put_nowait(l0_pb2.RunRequest(tlb_dump=l0_pb2.TlbDump(id=dump_id, entries=entries)))
         self.stats["tlb_dumps_sent"] += 1
 

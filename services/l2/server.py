@@ -23,12 +23,14 @@ import structlog
 
 from nestmmu.core import formats as f
 from nestmmu.core.l1 import GUEST_PAGE_SHIFTS
+from nestmmu.core.l2 import L2Error
 from nestmmu.core.workload import WorkloadSpec
 from nestmmu.limits import MAX_TOTAL_ACCESSES, MAX_TRACE_BYTES, MAX_VCPUS
 from nestmmu.protos import L2_SERVICE_NAME, common_pb2, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 from ..common import RPC_DEADLINE, abort_invalid, metadata_with_request_id, serve_forever
 from ..connection import Health, insecure_channel
+from .guestos import KERNEL_RESERVED, GuestOs, kernel_memory
 from .health import L0Watch
 from .runner import GIL_SWITCH_INTERVAL_S, LiveVcpu
 from .vcpu import run_vcpu
@@ -43,7 +45,22 @@ DEFAULT_GUEST_PAGE_SHIFT = 16
 DATA_SLOTS = 8
 DATA_DETAILS_MAX = 16
 #: Report fields filled from the vCPU counters of the same name.
-_REPORT_FIELDS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "errors", "invalidations_applied", "acks_sent")
+_REPORT_FIELDS = (
+    "accesses",
+    "tlb_hits",
+    "misses_sent",
+    "fills",
+    "storage_interrupts",
+    "errors",
+    "invalidations_applied",
+    "acks_sent",
+    "guest_faults",
+    "guest_faults_handled",
+    "segfaults",
+    "kernel_stores",
+    "process_tlbies",
+)
+#: Counters of virtual mode kept in the report's extra map only: munmaps, l2_rpt_invalidates.
 
 
 def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
@@ -61,6 +78,9 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         data=w.data,
         data_fresh=w.data_fresh,
         hcall_every=w.hcall_every,
+        virtual=w.virtual_mode,
+        pid=w.pid or d.pid,
+        unmap_every=w.unmap_every,
     )
 
 
@@ -77,6 +97,12 @@ def field_of_spec_error(msg: str) -> str:
     """The Workload field a WorkloadSpec.validate() message is about."""
     if "trace_path" in msg:
         return "workload.trace_path"
+    if msg.startswith("pid"):
+        return "workload.pid"
+    if msg.startswith("unmap_every"):
+        return "workload.unmap_every"
+    if msg.startswith("virtual mode"):
+        return "workload.virtual_mode"
     for word, fld in (
         ("pattern", "pattern"),
         ("accesses", "accesses"),
@@ -101,8 +127,10 @@ def report_from_counters(total: Counter[str], seconds: float, lpid: int, vcpus: 
     return rep
 
 
-def translation_of(page: int, host: int, shift: int, pte: int) -> common_pb2.Translation:
+def translation_of(page: int, host: int, shift: int, pte: int, pid: int = -1, real_page: int = -1) -> common_pb2.Translation:
     return common_pb2.Translation(
+        pid=pid,
+        real_page_address=max(real_page, 0),
         page_address=page,
         host_address=host,
         page_shift=shift,
@@ -123,6 +151,8 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         self.live: dict[int, LiveVcpu] = {}
         self._tasks: set[asyncio.Task[Counter[str]]] = set()
         self._attach_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        #: The L2 kernel of each guest that ran a virtual-mode workload, by (L1 address, lpid).
+        self.guest_os: dict[tuple[str, int], GuestOs] = {}
 
     async def stop(self) -> None:
         if self.l0_watch is not None:
@@ -141,6 +171,44 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                 code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE) else grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, f"CreateGuest via L1 at {l1_address} failed: {e.code().name}: {e.details()}")
         return resp.lpid, resp.hcall_rc
+
+    async def _guest_os(self, context: Ctx, l1_address: str, lpid: int, memory: int | None, use_rpt_invalidate: bool = False) -> GuestOs:
+        """The guest's L2 kernel, created on its first virtual-mode workload.  ``memory``: the
+        guest's size when RunWorkload just created it (plain RAM; an older kernel under the same
+        lpid belonged to a destroyed guest); else L1 describes the guest, and a kernel this
+        service booted is kept only while the guest's PATE still holds its process table (L1
+        reuses the lpids of destroyed guests)."""
+        key = (l1_address, lpid)
+        if memory is None:
+            async with insecure_channel(l1_address) as channel:
+                try:
+                    g = await l1_pb2_grpc.L1ServiceStub(channel).GetGuest(
+                        l1_pb2.GetGuestRequest(lpid=lpid), timeout=RPC_DEADLINE, metadata=metadata_with_request_id()
+                    )
+                except grpc.aio.AioRpcError as e:
+                    code = grpc.StatusCode.NOT_FOUND if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, f"GetGuest via L1 at {l1_address} failed: {e.code().name}: {e.details()}")
+            if not g.guest.data:
+                await abort_invalid(
+                    context, "lpid", f"guest {lpid} is not a data guest: virtual mode keeps page tables in guest memory (create it with data, or use lpid 0)"
+                )
+            got = self.guest_os.get(key)
+            if got is not None and (not got.registered or g.guest.pate_dw1 == got.kernel.proc_tbl_dw1() | f.PATE_GR):
+                return got  # still this guest (or still booting)
+            if f.pate_prtb(g.guest.pate_dw1):
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"guest {lpid} already has a process table that no L2 kernel of this service registered (the L2 service restarted?): "
+                    "run virtual mode on a new guest (lpid 0)",
+                )
+            memory = kernel_memory(g.guest.memory_bytes, [r.n_gpa for r in g.guest.regions])
+        try:
+            gos = GuestOs(l1_address, lpid, memory, use_rpt_invalidate)
+        except L2Error as e:
+            await abort_invalid(context, "lpid", f"guest {lpid} cannot run the L2 kernel of virtual mode: {e}")
+            raise AssertionError("unreachable") from e  # pragma: no cover
+        self.guest_os[(l1_address, lpid)] = gos
+        return gos
 
     async def RunWorkload(self, request: l2_pb2.RunWorkloadRequest, context: Ctx) -> l2_pb2.RunWorkloadResponse:
         if not request.l1_address:
@@ -171,15 +239,35 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
             )
         details: list[str] = []
         data_details: list[str] = []
+        segv_details: list[str] = []
         lpid = request.lpid
+        created: int | None = None
         if lpid == 0:
             page = 1 << page_shift
-            memory = (spec.base + spec.footprint + page - 1) // page * page
-            lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory, spec.data)
+            if spec.virtual:
+                # The kernel's table region, then footprint bytes of pages it demand-maps (a
+                # data guest: its page tables are memory contents L1 must keep).
+                unit = max(page, 1 << 16)
+                memory = (KERNEL_RESERVED + (spec.footprint + unit - 1) // unit * unit + page - 1) // page * page
+            else:
+                memory = (spec.base + spec.footprint + page - 1) // page * page
+            lpid, rc = await self._create_guest(context, request.l1_address, page_shift, memory, spec.data or spec.virtual)
+            created = memory
             spec = dataclasses.replace(spec, data_fresh=spec.data)
             if rc != f.H.SUCCESS:
                 details.append(f"CreateGuest: the flush hcall returned {rc}")
-        log.info("workload_started", l1=request.l1_address, lpid=lpid, vcpus=request.vcpus, pattern=spec.pattern, accesses=spec.accesses, seed=spec.seed)
+        guest = await self._guest_os(context, request.l1_address, lpid, created, request.workload.l2_rpt_invalidate) if spec.virtual else None
+        log.info(
+            "workload_started",
+            l1=request.l1_address,
+            lpid=lpid,
+            vcpus=request.vcpus,
+            pattern=spec.pattern,
+            accesses=spec.accesses,
+            seed=spec.seed,
+            virtual=spec.virtual,
+            pid=spec.pid if spec.virtual else -1,
+        )
         t0 = time.perf_counter()
         # vCPUs of one guest attach one at a time (see run_vcpu), then run concurrently.
         attach_lock = self._attach_locks.setdefault((request.l1_address, lpid), asyncio.Lock())
@@ -196,6 +284,8 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
                     attach_lock=attach_lock,
                     data_details=data_details,
                     on_l0=self.l0_watch.add if self.l0_watch is not None else None,
+                    guest=guest,
+                    segfault_details=segv_details,
                 ),
                 name=f"vcpu-{lpid}-{i}",
             )
@@ -214,6 +304,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
         rep = report_from_counters(total, time.perf_counter() - t0, lpid, request.vcpus, details)
         if spec.data:
             fill_data_report(rep, total, data_details)
+        rep.segfault_details.extend(segv_details[:DATA_DETAILS_MAX])
         self.reports.append(rep)
         log.info(
             "workload_done",
@@ -232,7 +323,7 @@ class L2Servicer(l2_pb2_grpc.L2ServiceServicer):
 
     async def DumpTlb(self, request: l2_pb2.DumpTlbRequest, context: Ctx) -> l2_pb2.DumpTlbResponse:
         entries = [
-            l2_pb2.TlbEntry(vcpu_id=lv.vcpu_id, lpid=e.lpid, translation=translation_of(e.page, e.host, e.shift, e.pte))
+            l2_pb2.TlbEntry(vcpu_id=lv.vcpu_id, lpid=e.lpid, translation=translation_of(e.page, e.host, e.shift, e.pte, e.pid, e.real_page))
             for lv in list(self.live.values())
             for e in _entries(lv)
         ]

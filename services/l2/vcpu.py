@@ -19,6 +19,7 @@ from nestmmu.protos import l1_pb2, l1_pb2_grpc
 
 from ..common import RPC_DEADLINE, metadata_with_request_id, new_request_id
 from ..connection import insecure_channel
+from .guestos import GuestOs
 from .runner import LiveVcpu, RunStream, VcpuFailed
 
 log = structlog.get_logger("l2.vcpu")
@@ -56,6 +57,8 @@ async def run_vcpu(
     attach_lock: asyncio.Lock | None = None,
     data_details: list[str] | None = None,
     on_l0: Callable[[str], None] | None = None,
+    guest: GuestOs | None = None,
+    segfault_details: list[str] | None = None,
 ) -> Counter[str]:
     """Attach vCPU ``vcpu_id`` of L1 guest ``lpid`` and run ``generate(spec, vcpu_index)`` on it.
 
@@ -65,6 +68,7 @@ async def run_vcpu(
     holds the vCPU while it runs, for TLB dumps. ``attach_lock`` (if given) serialises the
     attach step of the vCPUs sharing it: the first H_ENTER_NESTED of a guest creates the nested
     guest in L0, and a concurrent first entry loses that race with H_PARAMETER, as in KVM.
+    ``guest`` is the guest's L2 kernel, for a virtual-mode ``spec``.
     """
     t0 = time.perf_counter()
     stats: Counter[str] = Counter()
@@ -79,7 +83,7 @@ async def run_vcpu(
             resp = await attach(l1_address, lpid, vcpu_id)
         if on_l0 is not None:  # the L2's health watches the L0s its vCPUs run on
             on_l0(resp.l0_address)
-        rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token, hdec_every=resp.hdec_every)
+        rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token, guest, hdec_every=resp.hdec_every)
         stats = rs.stats
         if live is not None:
             live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu, rs.lock)
@@ -90,6 +94,8 @@ async def run_vcpu(
                 with rs.lock:
                     reasons = rs.error_reasons.most_common(MAX_ERROR_REASONS)
                 details += [f"lpid {lpid} vCPU {vcpu_id}: {n} access(es) ended in ERROR: {why}" for why, n in reasons]
+            if segfault_details is not None:  # virtual mode: what the program would have died of
+                segfault_details += [f"lpid {lpid} {d}" for d in rs.segfault_details]
             if rs.data is not None:  # data mode: the checker's counts and first losses
                 with rs.lock:
                     stats.update(rs.data.checker.counters())

@@ -110,10 +110,7 @@ def _write_plugin(bindir: Path, name: str, func: str) -> Path:
     Independent of PATH, so it works in pip's isolated build environment too.
     """
     path = bindir / name
-    path.write_text(
-        "#!/bin/sh\n"
-        f'exec "{sys.executable}" -c "import sys; from mypy_protobuf.main import {func}; sys.exit({func}())"\n'
-    )
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -c "import sys; from mypy_protobuf.main import {func}; sys.exit({func}())"\n')
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
@@ -217,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     proto_root = ns.proto_root or default_proto_root()
     if not (proto_root / "nestmmu").is_dir():
         parser.error(
-            f"{proto_root} has no nestmmu/ protos (an installed wheel ships generated code only; "
-            "run this from a source checkout or pass --proto-root)"
+            f"{proto_root} has no nestmmu/ protos (an installed wheel ships generated code only; run this from a source checkout or pass --proto-root)"
         )
     generate(proto_root, ns.out, force=ns.force, stubs=False if ns.no_stubs else None)
     return 0

@@ -10,13 +10,15 @@ Start here:
     nestmmu workload --l1 127.0.0.1:50052 --l2 127.0.0.1:50053 --l0 127.0.0.1:50051
     nestmmu audit --l0 127.0.0.1:50051                              # I1-I7 across running services
     nestmmu bench                                                   # figures and ratios to baselines
-    nestmmu trace --out t.txt -- ls /   &&   nestmmu demo --trace t.txt   # a real program's accesses
+    nestmmu trace --out t.txt -- ls /   &&   nestmmu demo --trace t.txt   # a real program's accesses (virtual mode)
     nestmmu demo --data                                             # stores carry values; every load checked
     nestmmu chaos --episodes 12 --seed 1                            # kill/pause services under load, check recovery
 
 Exit codes: 0 ok, 1 ran but found a problem, 2 usage, 3 could not run, 4 audit inconclusive.
 
-L2 addresses are L2 *real* addresses (partition scope); L2 process tables are not modelled.
+Translation modes (--mode): real (the default without --trace) runs L2 *real* addresses,
+partition scope only; virtual (the default with --trace) runs effective addresses of one L2
+process through the page tables its L2 kernel builds: the 2-D walk, guest faults, walk costs.
 """
 
 from __future__ import annotations
@@ -180,6 +182,9 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         data=args.data,
         attached_audit=attached_audit if l0 else None,
         hcall_every=args.hcall_every,
+        virtual=_virtual(args),
+        pid=args.pid,
+        no_gtse=args.no_gtse,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -230,7 +235,27 @@ def _check_trace(args: argparse.Namespace) -> None:
         raise CliError(f"--trace {args.trace}: no such file", EXIT_USAGE)
 
 
+def _virtual(args: argparse.Namespace) -> bool:
+    """--mode, or its default: virtual with --trace (a trace is a program's effective
+    addresses), real otherwise."""
+    return bool(args.mode == "virtual" or (args.mode is None and args.trace))
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    if _virtual(args) and args.data:
+        raise CliError(
+            "--data runs in real mode only (it checks L2 real addresses): add --mode real" + (" to fold the trace" if args.trace else ""), EXIT_USAGE
+        )
+    if args.pid is not None and not _virtual(args):
+        raise CliError("--pid needs virtual mode (--mode virtual, or --trace)", EXIT_USAGE)
+    if args.no_gtse and not _virtual(args):
+        raise CliError("--no-gtse needs virtual mode (--mode virtual, or --trace)", EXIT_USAGE)
+    if args.pid is None:
+        args.pid = 1
+
+
 def cmd_workload(args: argparse.Namespace) -> int:
+    _check_mode(args)
     l1s = _addr_list(args.l1)
     asyncio.run(_preflight(l1s, args.l2, args.l0))
     rep = asyncio.run(_workload(args, l1s, args.l2, args.l0))
@@ -249,6 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nestmmu import cluster
 
     _check_trace(args)
+    _check_mode(args)
     if not args.json:
         print("starting L0, two L1s and L2 on loopback ...", file=sys.stderr)
     try:
@@ -445,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--pattern", default="hot", choices=["hot", "uniform", "sequential"])
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
-        q.add_argument("--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations while the vCPUs run")
+        q.add_argument(
+            "--no-churn", action="store_true", help="no L1 unmaps/remaps or host migrations (nor, in virtual mode, L2 kernel munmaps) while the vCPUs run"
+        )
         q.add_argument("--data", action="store_true", help="data mode: stores carry values, every load is checked (lost_writes in the report)")
         q.add_argument(
             "--hcall-every",
@@ -454,7 +482,25 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="each vCPU's program calls H_PUT_TERM_CHAR every N accesses: an exit to its L1 (0 = never)",
         )
-        q.add_argument("--trace", help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path")
+        q.add_argument(
+            "--trace",
+            help="replay a valgrind lackey trace (see `nestmmu trace`) instead of --pattern; the L2 service reads this path. "
+            "Replayed in virtual mode unless --mode real",
+        )
+        q.add_argument(
+            "--mode",
+            choices=["real", "virtual"],
+            help="real: accesses are L2 real addresses, partition scope only (a trace is folded into the footprint, so distant pages "
+            "may alias); virtual: effective addresses of one L2 process, translated by the 2-D walk through the page tables its "
+            "L2 kernel builds and demand-maps on guest faults (a trace replays unfolded; the report gains a virtual section: guest "
+            "faults, 2-D and shadow walk references). Default: virtual with --trace, real otherwise",
+        )
+        q.add_argument("--pid", type=_int_range(1, (1 << 20) - 1), help="virtual mode: the L2 process id (PIDR) the vCPUs run (default 1)")
+        q.add_argument(
+            "--no-gtse",
+            action="store_true",
+            help="virtual mode: the L2 kernels run without GTSE and flush with process-scoped H_RPT_INVALIDATE (performed by L0) instead of tlbie",
+        )
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")
     w.add_argument("--l1", action="append", required=True, type=named_host_port, help="L1 address, NAME=HOST:PORT or HOST:PORT (repeat)")

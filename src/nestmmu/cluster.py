@@ -388,8 +388,17 @@ async def run_default_workload(
     data: bool = False,
     attached_audit: dict[str, Any] | None = None,
     hcall_every: int = 0,
+    virtual: bool = False,
+    pid: int = 1,
+    no_gtse: bool = False,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
+
+    With ``virtual``, the vCPUs run process ``pid`` of each guest's L2 kernel: effective
+    addresses through the 2-D walk (a trace replays unfolded; the synthetic patterns span at
+    most ``VIRTUAL_FOOTPRINT`` of EAs, so the kernel's pages fit the guests); the guests are
+    data guests (their page tables are memory contents L1 must keep when it moves pages).
+    ``no_gtse``: the L2 kernels flush with process-scoped H_RPT_INVALIDATE instead of tlbie.
 
     With ``with_churn``, L1 tree changes and host migrations run meanwhile (see :func:`churn`).
     With ``data``, the guests are data guests and the workloads run in data mode (checked).
@@ -398,12 +407,14 @@ async def run_default_workload(
     ``hcall_every``: each vCPU's program calls H_PUT_TERM_CHAR every that many accesses.
     """
     plan = plan or default_plan()
+    if virtual:
+        footprint = min(footprint, VIRTUAL_FOOTPRINT)
     jobs = []
     for name, addr in l1s.items():
         async with insecure_channel(addr) as ch:
             stub = l1_pb2_grpc.L1ServiceStub(ch)
             for g in plan:
-                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data)
+                req = l1_pb2.CreateGuestRequest(page_shift=g.page_shift, memory_bytes=g.memory, data=data or virtual)
                 for kind, start, size, r, w, x in g.regions:
                     req.regions.add(n_gpa=start, size_bytes=size, kind=kind, read=r, write=w, execute=x)
                 resp = await stub.CreateGuest(req, timeout=DEADLINE)
@@ -435,6 +446,10 @@ async def run_default_workload(
                             data=data,
                             data_fresh=data,  # the guests were created just above
                             hcall_every=hcall_every,
+                            virtual_mode=virtual,
+                            pid=pid if virtual else 0,
+                            unmap_every=L2_UNMAP_EVERY if virtual and with_churn else 0,
+                            l2_rpt_invalidate=virtual and no_gtse,
                         ),
                     ),
                     timeout=600.0,
@@ -451,6 +466,12 @@ async def run_default_workload(
     return [r.report for r in results]
 
 
+#: Virtual mode: the most effective-address span the synthetic patterns use in the default
+#: plan (the L2 kernel of its 64K guest has 24 MiB of plain RAM for pages below the regions).
+VIRTUAL_FOOTPRINT = 16 << 20
+#: Virtual mode with churn: each vCPU's process munmaps a page after every this many batches
+#: (process-scoped tlbies from the L2 kernel to every vCPU of its guest).
+L2_UNMAP_EVERY = 4
 #: The audit taken while vCPUs run waits for this many shadow leaves (vCPUs well under way).
 ATTACHED_AUDIT_MIN_LEAVES = 64
 ATTACHED_AUDIT_POLL_S = 0.2
@@ -543,8 +564,40 @@ def summarize(
             "misplaced_writes": sum(r.misplaced_writes for r in reports),
             "details": [d for r in reports for d in r.lost_write_details][:16],
         }
+    if any(r.guest_faults or r.kernel_stores for r in reports):
+        out["virtual"] = virtual_summary(reports, counters)
     if aud is not None:
         out["audit"] = audit_summary(aud)
+    return out
+
+
+def virtual_summary(reports: list[l2_pb2.WorkloadReport], counters: dict[str, int]) -> dict[str, Any]:
+    """Virtual mode: what the L2 kernels did and what the 2-D walks cost (L0's counters).
+
+    ``walk_refs_2d`` counts every memory reference of L0's 2-D walks: ``walk_refs_process``
+    reads of L2's process table and tree entries and ``walk_refs_shadow`` reads of the shadow
+    table made to translate those entries' L2 real addresses and the final one."""
+    out: dict[str, Any] = {
+        "guest_faults": sum(r.guest_faults for r in reports),
+        "guest_faults_handled": sum(r.guest_faults_handled for r in reports),
+        "segfaults": sum(r.segfaults for r in reports),
+        "kernel_stores": sum(r.kernel_stores for r in reports),
+        "process_tlbies": sum(r.process_tlbies for r in reports),
+        "munmaps": sum(r.extra.get("munmaps", 0) for r in reports),
+        "l2_rpt_invalidates": sum(r.extra.get("l2_rpt_invalidates", 0) for r in reports),
+    }
+    if counters:  # L0's counters (workload without --l0 has none)
+        walks = counters.get("l0.walks_2d", 0)
+        refs = counters.get("l0.walk_refs_2d", 0)
+        out |= {
+            "walks_2d": walks,
+            "walk_refs_2d": refs,
+            "walk_refs_process": counters.get("l0.walk_refs_process", 0),
+            "walk_refs_shadow": counters.get("l0.walk_refs_shadow", 0),
+            "walk_refs_per_2d_walk": round(refs / walks, 2) if walks else 0,
+            "prtable_faults": counters.get("l0.prtable_faults", 0),
+        }
+    out["segfault_details"] = [d for r in reports for d in r.segfault_details][:16]
     return out
 
 
@@ -567,6 +620,8 @@ class RawVcpu:
         self.error_reasons: dict[int, str] = {}  # ERROR outcomes' reasons, by index in their batch
         self.ended: str | None = None  # the reason L0 gave before ending the stream (RunEnded)
         self.error: grpc.aio.AioRpcError | None = None
+        #: Virtual mode: the L2 real page of each access of the last batch run (0 unless FILL).
+        self.real_pages: list[int] = []
         self._partial: list[l0_pb2.AccessResults] = []
         self._next = 1
         self.task = asyncio.create_task(self._loop())
@@ -602,15 +657,23 @@ class RawVcpu:
         except asyncio.CancelledError:
             pass
 
-    async def run(self, addrs: list[int], kinds: list[int], timeout: float = 30.0) -> list[tuple[int, int, int, int, int]]:
-        """Send one batch; return (outcome, page, host, flags, dsisr) per access, in order."""
+    async def run(self, addrs: list[int], kinds: list[int], timeout: float = 30.0, pid: int = -1) -> list[tuple[int, int, int, int, int]]:
+        """Send one batch; return (outcome, page, host, flags, dsisr) per access, in order.
+        ``pid`` >= 0: a virtual-mode batch (effective addresses of that PID); the L2 real page
+        of each fill is then in ``real_pages``."""
         bid = self._next
         self._next += 1
-        self.q.put_nowait(l0_pb2.RunRequest(batch=l0_pb2.AccessBatch(batch_id=bid, addresses=addrs, kinds=bytes(kinds))))
+        batch = l0_pb2.AccessBatch(batch_id=bid, addresses=addrs, kinds=bytes(kinds))
+        if pid >= 0:
+            batch.virtual_mode = True
+            batch.pid = pid
+        self.q.put_nowait(l0_pb2.RunRequest(batch=batch))
         parts = await asyncio.wait_for(self.done.get(), timeout)
         out: list[tuple[int, int, int, int, int]] = []
+        self.real_pages = []
         for p in parts:
             out += list(zip(p.outcomes, p.page_addresses, p.host_addresses, p.flags, p.dsisrs, strict=True))
+            self.real_pages += list(p.real_page_addresses) or [0] * len(p.outcomes)
         return out
 
     async def close(self) -> None:

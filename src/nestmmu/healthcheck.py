@@ -16,9 +16,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nestmmu.healthcheck")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("NESTMMU_PORT", "50051"))
-    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("NESTMMU_PORT", "50051")))
     parser.add_argument("--service", default="", help="service name; '' = whole server")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
     args = parser.parse_args(argv)
@@ -30,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            resp = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

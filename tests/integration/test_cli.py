@@ -91,6 +91,37 @@ def test_demo_checks_the_trace_file_before_starting_anything(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--mode", "virtual", "--data"), "nestmmu demo: --data runs in real mode only (it checks L2 real addresses): add --mode real"),
+        (("--pid", "3"), "nestmmu demo: --pid needs virtual mode (--mode virtual, or --trace)"),
+        (("--mode", "real", "--pid", "3"), "nestmmu demo: --pid needs virtual mode (--mode virtual, or --trace)"),
+        (("--no-gtse",), "nestmmu demo: --no-gtse needs virtual mode (--mode virtual, or --trace)"),
+    ],
+)
+def test_demo_checks_the_translation_mode_before_starting_anything(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    r = run("demo", *args, tmp=tmp_path, timeout=20)
+    assert r.returncode == cli.EXIT_USAGE
+    assert one_line(r) == message
+    assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
+
+
+def test_a_trace_replays_in_virtual_mode_unless_real_mode_is_asked_for(tmp_path: Path) -> None:
+    """--trace defaults to virtual mode (a trace is a program's effective addresses); folding
+    into L2 real memory only with --mode real, which then also takes --data."""
+    trace = tmp_path / "t.txt"
+    trace.write_text(" L 10000000,8\n", encoding="utf-8")
+    p = cli.build_parser()
+    assert cli._virtual(p.parse_args(["demo", "--trace", str(trace)]))
+    assert not cli._virtual(p.parse_args(["demo", "--trace", str(trace), "--mode", "real"]))
+    assert not cli._virtual(p.parse_args(["demo"]))
+    assert cli._virtual(p.parse_args(["workload", "--l1", "127.0.0.1:1", "--l2", "127.0.0.1:2", "--mode", "virtual"]))
+    r = run("demo", "--trace", str(trace), "--data", tmp=tmp_path, timeout=20)
+    assert r.returncode == cli.EXIT_USAGE
+    assert one_line(r).endswith("add --mode real to fold the trace")
+
+
 @pytest.fixture(scope="module")
 def l2_only() -> Iterator[str]:
     """A lone L2 service: the wrong service for commands that want L0 or L1."""
@@ -117,6 +148,24 @@ def test_wrong_service_is_named(l2_only: str) -> None:
 def _verdict_of(rep: dict[str, object]) -> int:
     audits = [rep[k] for k in ("audit", "audit_attached") if k in rep]
     return 0 if rep["errors"] == 0 and all(a["ok"] for a in audits) else 1  # type: ignore[index]
+
+
+def test_demo_replays_a_trace_in_virtual_mode(tmp_path: Path) -> None:
+    """demo --trace: the trace's effective addresses run through the L2 kernels' page tables
+    (2-D walks, guest faults handled, L2 munmaps under churn) and the audit is clean."""
+    trace = tmp_path / "t.txt"
+    lines = [f" L {0x1000_0000 + i * 0x1_0000:x},8\n S {0x7FFF_0000_0000 - i * 0x1_0000:x},8\n" for i in range(8)]
+    trace.write_text("".join(lines), encoding="utf-8")
+    # 5 batches: L2 munmaps too; without GTSE, flushed with H_RPT_INVALIDATE through L0.
+    r = run("demo", "--trace", str(trace), "--accesses", "5000", "--no-gtse", "--json", tmp=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["accesses"] == 8 * 5000 and rep["errors"] == 0, rep
+    v = rep["virtual"]
+    assert v["guest_faults"] > 0 and v["guest_faults_handled"] == v["guest_faults"] and v["segfaults"] == 0, v
+    assert v["walks_2d"] > 0 and v["walk_refs_2d"] == v["walk_refs_process"] + v["walk_refs_shadow"] > 0, v
+    assert v["munmaps"] > 0 and v["l2_rpt_invalidates"] > 0 and v["process_tlbies"] == 0, v
+    assert rep["audit"]["outcome"] == "CLEAN", rep["audit"]
 
 
 def test_demo_from_a_folder_holding_a_clone_named_nestmmu(tmp_path: Path) -> None:

@@ -335,3 +335,43 @@ class Reference:
         if type_ & 0x2:
             return 0 if pg_sizes & 0xF else -57  # H_P4: no supported size requested
         return 0
+
+
+@dataclass
+class RefTwoD:
+    """What the L2 OS of the 2-D guest intends: per PID, the VMA permissions of its pages
+    (explicit map / protect; everything else is demand-mapped anonymous memory, RWX)."""
+
+    lpid: int = 0
+    page_size: int = 1 << 16
+    live: bool = False
+    perms: dict[tuple[int, int], int] = field(default_factory=dict)  # (pid, EA page) -> perms
+
+    def expected_lpids(self) -> int:
+        return 2 if self.live else 0  # the L1 and its entered guest
+
+    def _page(self, ea: int) -> int:
+        return ea & ((1 << 52) - 1) & ~(self.page_size - 1)
+
+    def perms_of(self, pid: int, ea: int) -> int:
+        return self.perms.get((pid, self._page(ea)), READ | RW | EXEC)
+
+    def classify(self, pid: int, ea: int, kind: int) -> Outcome:
+        """FILL when the VMA allows the access (the L2 OS demand-maps or sets R/C), else the
+        L2 OS refuses it: the access ends with GUEST_FAULT (SIGSEGV)."""
+        return Outcome.FILL if allows(self.perms_of(pid, ea), kind) else Outcome.GUEST_FAULT
+
+    def allowed_mask(self, pid: int, ea: int) -> int:
+        p = self.perms_of(pid, ea)
+        return sum(1 << k for k in (LOAD, STORE, IFETCH) if allows(p, k))
+
+    def _pages(self, ea: int, length: int) -> range:
+        return range(self._page(ea), self._page(ea + length - 1) + 1, self.page_size)
+
+    def set_perms(self, pid: int, ea: int, length: int, perms: int) -> None:
+        for p in self._pages(ea, length):
+            self.perms[(pid, p)] = perms
+
+    def forget(self, pid: int, ea: int, length: int) -> None:
+        for p in self._pages(ea, length):
+            self.perms.pop((pid, p), None)

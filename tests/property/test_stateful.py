@@ -45,7 +45,7 @@ from nestmmu.core.l1 import GuestRegion, Hcall, RptInvalidate, TlbInvalidate, de
 from nestmmu.core.sim import InProcessCluster, VcpuSession
 from nestmmu.core.vcpu import allowed_mask
 
-from .reference import EXEC, LOAD, READ, RW, STORE, U64, Reference, RefMemslot, RefRegion
+from .reference import EXEC, LOAD, READ, RW, STORE, U64, Reference, RefMemslot, RefRegion, RefTwoD
 
 settings.register_profile(
     "nestmmu-stateful",
@@ -65,6 +65,9 @@ settings.register_profile(
 )
 
 L1_NAMES = ("l1a", "l1b")
+TWO_D_L1 = "l1c"  # runs the guest whose L2 OS has its own process-scoped trees
+TWO_D_MEMORY = 8 << 20
+TWO_D_EA = 0x1000_0000
 USE_RPT = {"l1a": False, "l1b": True}  # l1a flushes with H_TLB_INVALIDATE, l1b with H_RPT_INVALIDATE
 AP_BY_SHIFT = {12: 0b000, 16: 0b101, 21: 0b001, 30: 0b010}
 RPT_BIT_BY_SHIFT = {12: f.H_RPTI_PAGE_4K, 16: f.H_RPTI_PAGE_64K, 21: f.H_RPTI_PAGE_2M, 30: f.H_RPTI_PAGE_1G}
@@ -93,6 +96,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         self.c = InProcessCluster(L0Config(page_shift=self.L0_PAGE_SHIFT))
         self.ref = Reference(self.L0_PAGE_SHIFT)
         self.rcs: Counter[str] = Counter()
+        self.two_d = RefTwoD()
 
     # ================================================================ helpers
     def _add_l1(self, name: str) -> None:
@@ -125,8 +129,12 @@ class NestedMmuMachine(RuleBasedStateMachine):
     def _draw_guest(self, data: st.DataObject) -> tuple[str, int]:
         return data.draw(st.sampled_from(self._guests()), label="guest")
 
+    def _sessions(self) -> list[str]:
+        """vCPUs of the reference's L1s (the 2-D L1 has its own rules and invariants)."""
+        return sorted(n for n, s in self.c.sessions.items() if s.l1 in self.ref.l1s)
+
     def _draw_session(self, data: st.DataObject) -> VcpuSession:
-        name = data.draw(st.sampled_from(sorted(self.c.sessions)), label="vcpu")
+        name = data.draw(st.sampled_from(self._sessions()), label="vcpu")
         return self.c.sessions[name]
 
     def _draw_page(self, data: st.DataObject, l1: str, lpid: int, beyond: bool = True) -> int:
@@ -194,6 +202,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         for i, (l1, shift) in enumerate(specs):
             lpid = self._create_guest(l1, shift)
             self._attach(l1, lpid, i % 2)
+        self._boot_two_d(data)
 
     # ================================================================ L2 accesses
     def _mmio_copies(self, l1: str) -> int:
@@ -206,7 +215,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         if self._mmio_copies(s.l1) > before:
             self.ref.l0_wrote(s.l1, self.c.l1s[s.l1].last_inst_addr(s.vcpu.vcpu_id))
 
-    @precondition(lambda self: self.c.sessions)
+    @precondition(lambda self: self._sessions())
     @rule(data=st.data(), kind=st.sampled_from([LOAD, LOAD, STORE, STORE, 3]))
     def access(self, data: st.DataObject, kind: int) -> None:
         s = self._draw_session(data)
@@ -221,7 +230,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         if want is Outcome.FILL:
             self._check_fill(s, addr, kind, res)
 
-    @precondition(lambda self: self.c.sessions)
+    @precondition(lambda self: self._sessions())
     @rule(data=st.data())
     def batch(self, data: st.DataObject) -> None:
         s = self._draw_session(data)
@@ -414,7 +423,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
             assert not list(vm.pgtable.leaves(chunk, chunk + (1 << 21))), "L0 leaves survive a THP collapse"
         self.rcs["host.thp_collapse"] += 1
 
-    @precondition(lambda self: self.c.sessions)
+    @precondition(lambda self: self._sessions())
     @rule(data=st.data(), kind=st.sampled_from([LOAD, STORE, STORE]), event=st.sampled_from(["harvest", "unmap", "migrate"]))
     def access_racing_host_event(self, data: st.DataObject, kind: int, event: str) -> None:
         """A host event runs on another CPU while a nested fault sits between reading L0's PTE
@@ -506,7 +515,7 @@ class NestedMmuMachine(RuleBasedStateMachine):
         self._attach(l1, lpid, vcpu_id)
         self.rcs["vcpu.attach"] += 1
 
-    @precondition(lambda self: self.c.sessions)
+    @precondition(lambda self: self._sessions())
     @rule(data=st.data())
     def detach(self, data: st.DataObject) -> None:
         s = self._draw_session(data)
@@ -520,11 +529,231 @@ class NestedMmuMachine(RuleBasedStateMachine):
         shift = self._draw_shift(data)
         self.c.remove_l1(l1)
         self.ref.remove_l1(l1)
-        assert len(self.c.l0.lpids_in_use) == self.ref.expected_lpids(), "LPIDs leaked by a departed L1"
+        assert len(self.c.l0.lpids_in_use) == self.ref.expected_lpids() + self.two_d.expected_lpids(), "LPIDs leaked by a departed L1"
         self._add_l1(l1)
         lpid = self._create_guest(l1, shift)
         self._attach(l1, lpid, 0)
         self.rcs["l1.restart"] += 1
+
+    # ================================================================ the 2-D walk (L1 "l1c")
+    # A third L1 runs one data guest whose L2 OS (L2Kernel) has its own process table and
+    # trees; its vCPUs run effective addresses of PIDs 1 and 2.  Its rules: (PID, EA) accesses
+    # one at a time and in batches, the L2 OS's map / unmap / protect (with the process-scoped
+    # tlbies it issues), L1 unmapping / moving the guest's real pages, host events on them,
+    # H_COPY_TOFROM_GUEST by (PID, EA).  Invariant: every TLB entry of those vCPUs is the
+    # composition of L2's process tree, L1's tree and L0's table (and allows no more than all
+    # three); L2's tables in memory hold what the L2 OS stored.
+    def _boot_two_d(self, data: st.DataObject) -> None:
+        c = self.c
+        shift = data.draw(st.sampled_from([16, 21]), label="2d_page_shift")
+        c.add_l1(TWO_D_L1, default_memslots(), use_rpt_invalidate=True)
+        lpid = c.create_guest(TWO_D_L1, page_shift=shift, memory=TWO_D_MEMORY, data=True)
+        s = c.attach_vcpu(TWO_D_L1, lpid, 0, pid=1)
+        l2_shift = data.draw(st.sampled_from([12, 16]), label="l2_page_shift")
+        rpt = data.draw(st.booleans(), label="l2_uses_h_rpt_invalidate")  # pseries L2 without GTSE
+        c.boot_l2_kernel(s, page_shift=l2_shift, pids=(0, 1, 2), prts=0, table_base=1 << 20, table_size=1 << 20, use_rpt_invalidate=rpt)
+        c.attach_vcpu(TWO_D_L1, lpid, 1, pid=2)
+        self.two_d = RefTwoD(lpid=lpid, page_size=1 << l2_shift, live=True)
+
+    def _two_d_sessions(self) -> list[VcpuSession]:
+        return [s for s in self.c.sessions.values() if s.l1 == TWO_D_L1]
+
+    def _draw_ea(self, data: st.DataObject) -> tuple[int, int]:
+        """(pid, EA): user pages of PID 1 or 2, or a kernel (quadrant 3) page of PID 0."""
+        ps = self.two_d.page_size
+        page = data.draw(st.integers(0, 5), label="ea_page")
+        off = 8 * data.draw(st.integers(0, 7), label="ea_word")
+        pid = data.draw(st.sampled_from([1, 1, 2, 0]), label="pid")
+        ea = TWO_D_EA + page * ps + off
+        return pid, ((3 << 62) | ea) if pid == 0 else ea
+
+    def _two_d_session(self, data: st.DataObject, pid: int) -> VcpuSession:
+        s = data.draw(st.sampled_from(sorted(self._two_d_sessions(), key=lambda x: x.name)), label="2d_vcpu")
+        if pid > 0:
+            s.vcpu.pid = pid  # the L2 OS switched to that process (mtspr PIDR)
+        return s
+
+    @precondition(lambda self: self.two_d.live)
+    @rule(data=st.data(), kind=st.sampled_from([LOAD, LOAD, STORE, STORE, 3]))
+    def ea_access(self, data: st.DataObject, kind: int) -> None:
+        pid, ea = self._draw_ea(data)
+        s = self._two_d_session(data, pid)
+        want = self.two_d.classify(pid, ea, kind)
+        res = self.c.access_ea(s, ea, Access(kind))
+        self.rcs[f"ea.{res.outcome.name}"] += 1
+        assert res.outcome is want, f"{s.name} PID {pid} {Access(kind).name} {ea:#x}: got {res.outcome.name} ({res.detail}), reference says {want.name}"
+        if want is Outcome.FILL:
+            t = res.translation
+            assert t is not None and t.pid == pid and t.page <= ea < t.page + (1 << t.shift)
+            assert allowed_mask(t.pte) & (1 << kind), f"EA fill {t.pte:#x} does not allow kind {kind}"
+            # At least one full 2-D walk: (4 + 1)(q + 1) + q references, q >= 3.
+            assert res.refs >= 23, f"a 2-D walk made only {res.refs} references"
+            self._check_ea_entry(s, t.pid, t.page, t.host, t.shift, t.real_page, allowed_mask(t.pte))
+
+    @precondition(lambda self: self.two_d.live)
+    @rule(data=st.data())
+    def ea_batch(self, data: st.DataObject) -> None:
+        pid = data.draw(st.sampled_from([1, 2]), label="pid")
+        s = self._two_d_session(data, pid)
+        n = data.draw(st.integers(1, 16), label="n")
+        eas = []
+        for _ in range(n):
+            p, ea = self._draw_ea(data)
+            eas.append(ea if p == 0 else (ea & ~(3 << 62)))
+        kinds = data.draw(st.lists(st.sampled_from([LOAD, STORE, 3]), min_size=n, max_size=n), label="kinds")
+        want = Counter(self.two_d.classify(0 if ea >> 62 == 3 else pid, ea, k) for ea, k in zip(eas, kinds, strict=True))
+        before = Counter(s.vcpu.stats)
+        segv = self.c.stats["l2_segv"]
+        self.c.run_batch(s, eas, kinds)
+        d = Counter(s.vcpu.stats)
+        d.subtract(before)
+        assert d["accesses"] == n and d["tlb_hits"] + d["misses_sent"] == n
+        # Each access hits, or its miss ends in a fill, or the L2 OS refuses it (SIGSEGV).
+        assert self.c.stats["l2_segv"] - segv == want[Outcome.GUEST_FAULT], f"batch: {dict(d)} vs reference {dict(want)}"
+        assert d["errors"] == d["storage_interrupts"] == 0
+        self.rcs["ea.batch"] += 1
+
+    @precondition(lambda self: self.two_d.live)
+    @rule(data=st.data(), op=st.sampled_from(["map", "unmap", "protect"]))
+    def l2_edit(self, data: st.DataObject, op: str) -> None:
+        pid = data.draw(st.sampled_from([1, 2, 0]), label="pid")
+        ps = self.two_d.page_size
+        first = data.draw(st.integers(0, 5), label="first")
+        count = data.draw(st.integers(1, 3), label="count")
+        ea, length = TWO_D_EA + first * ps, count * ps
+        k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
+        s = self._two_d_sessions()[0]
+        if op == "map":
+            perms = data.draw(st.sampled_from([READ, READ | RW, READ | RW | EXEC, READ | EXEC]), label="perms")
+            ops = k.map(pid, ea, length, perms)
+            self.two_d.set_perms(pid, ea, length, perms)
+        elif op == "unmap":
+            ops = k.unmap(pid, ea, length)
+            self.two_d.forget(pid, ea, length)
+        else:
+            perms = data.draw(st.sampled_from([0, READ, READ | RW, READ | EXEC]), label="perms")
+            ops = k.protect(pid, ea, length, perms)
+            self.two_d.set_perms(pid, ea, length, perms)
+        self.c.apply_kernel_ops(s, ops)
+        if op != "map":
+            # The process-scoped tlbies reached every vCPU: nothing of that range survives
+            # that allows more than the tree now does.
+            for v in self._two_d_sessions():
+                for e in v.vcpu.tlb.entries():
+                    if e.pid == pid and ea <= (e.page & f.EA_VALID_MASK) < ea + length:
+                        assert op == "protect" and e.mask & ~self.two_d.allowed_mask(pid, e.page) == 0, f"{v.name}: PID {pid} EA {e.page:#x} survives L2's {op}"
+        self.rcs[f"l2.{op}"] += 1
+
+    @precondition(lambda self: self.two_d.live)
+    @rule(data=st.data(), op=st.sampled_from(["unmap", "remap", "host_unmap", "host_migrate"]))
+    def two_d_l1_or_host_event(self, data: st.DataObject, op: str) -> None:
+        """L1 or the host moves a page of the 2-D guest: a table page or a data page."""
+        g = self.c.l1s[TWO_D_L1].guests[self.two_d.lpid]
+        pages = sorted(g.backing)
+        if not pages:
+            return
+        page = data.draw(st.sampled_from(pages), label="l2_page")
+        l1 = self.c.l1s[TWO_D_L1]
+        if op == "unmap":
+            self.c.issue_all(TWO_D_L1, l1.unmap_pages(self.two_d.lpid, page << g.page_shift, g.page_size)[1])
+        elif op == "remap":
+            self.c.issue_all(TWO_D_L1, l1.remap_pages(self.two_d.lpid, page << g.page_shift, g.page_size)[1])
+        else:
+            vm = self.c.vms[TWO_D_L1]
+            if op == "host_unmap":
+                self.c.host_unmap(TWO_D_L1, g.backing[page])
+            else:
+                self.c.host_migrate(TWO_D_L1, g.backing[page])
+            assert vm.lpid in self.c.l0.lpids_in_use
+        self.rcs[f"2d.{op}"] += 1
+
+    @precondition(lambda self: self.two_d.live)
+    @rule(data=st.data())
+    def ea_h_copy(self, data: st.DataObject) -> None:
+        pid, ea = self._draw_ea(data)
+        vm = self.c.vms[TWO_D_L1]
+        scratch = 0x10_0000
+        rc = self.c.drive(self.c.l0.h_copy_tofrom_guest(vm, self.two_d.lpid, pid, ea & f.EA_VALID_MASK, scratch, 0, 8))
+        k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
+        if k.lookup(pid, ea) is None:
+            assert rc == f.H.NOT_FOUND, f"H_COPY_TOFROM_GUEST of unmapped PID {pid} EA {ea:#x}: rc {rc}"
+        if rc == f.H.SUCCESS:
+            host = self._compose_ea(pid, ea)
+            assert host is not None, f"H_COPY_TOFROM_GUEST read PID {pid} EA {ea:#x} that does not compose"
+            got = self.c.l1s[TWO_D_L1].read_memory(scratch, 8)
+            assert got == self.c.l0.mem.read(host, 8), f"H_COPY_TOFROM_GUEST of PID {pid} EA {ea:#x} copied other bytes"
+        self.rcs[f"2d.h_copy.{rc}"] += 1
+
+    def _compose_real(self, real: int) -> tuple[int, int, int] | None:
+        """L2 real address -> (host address, L1 leaf pte, L0 leaf pte) via L1's tree and L0's
+        table, or None when either has no leaf."""
+        l1 = self.c.l1s[TWO_D_L1]
+        w = l1.walk(l1.guests[self.two_d.lpid].pate_dw0(), real)
+        if not w.ok:
+            return None
+        leaf = self.c.vms[TWO_D_L1].pgtable.lookup_leaf(w.raddr)
+        if leaf is None:
+            return None
+        return (leaf.pte & f.PTE_RPN_MASK) + (w.raddr - leaf.gpa), w.pte, leaf.pte
+
+    def _compose_ea(self, pid: int, ea: int) -> int | None:
+        k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
+        slot = k.lookup(pid, ea)
+        if slot is None:
+            return None
+        got = self._compose_real(f.pte_rpn(slot.pte) + ((ea & f.EA_VALID_MASK) - slot.gpa))
+        return None if got is None else got[0]
+
+    def _check_ea_entry(self, s: VcpuSession, pid: int, page: int, host: int, shift: int, real_page: int, mask: int) -> None:
+        k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
+        where = f"{s.name} TLB PID {pid} EA {page:#x}/2^{shift}"
+        slot = k.lookup(pid, page)
+        assert slot is not None, f"{where}: L2's process tree maps no such page"
+        assert shift <= slot.shift and real_page == f.pte_rpn(slot.pte) + ((page & f.EA_VALID_MASK) - slot.gpa), f"{where}: real page {real_page:#x} not L2's"
+        got = self._compose_real(real_page)
+        assert got is not None, f"{where}: L1's tree or L0's table no longer maps real page {real_page:#x}"
+        want, l1pte, l0pte = got
+        assert host == want, f"{where}: host {host:#x}, L2 o L1 o L0 composes {want:#x}"
+        for kind in (LOAD, STORE, 3):
+            if mask & (1 << kind):
+                for what, pte in (("L2", slot.pte), ("L1", l1pte), ("L0", l0pte)):
+                    assert allowed_mask(pte | (f.PTE_C if what == "L0" else 0)) & (1 << kind), f"{where}: allows kind {kind}, {what}'s leaf {pte:#x} does not"
+
+    @invariant()
+    def ea_tlbs_compose(self) -> None:
+        if not self.two_d.live:
+            return
+        for s in self._two_d_sessions():
+            for e in s.vcpu.tlb.entries():
+                assert e.lpid == s.vcpu.lpid
+                if e.pid < 0:
+                    got = self._compose_real(e.page)
+                    assert got is not None and got[0] == e.host, f"{s.name} real-mode TLB {e.page:#x}: host {e.host:#x}, composes {got}"
+                else:
+                    self._check_ea_entry(s, e.pid, e.page, e.host, e.shift, e.real_page, e.mask)
+
+    @invariant()
+    def l2_tables_in_memory(self) -> None:
+        """What the L2 OS stored is in memory where its real addresses lead (L1 o L0)."""
+        if not self.two_d.live:
+            return
+        k = self.c.kernels[(TWO_D_L1, self.two_d.lpid)]
+        for pid, proc in k.procs.items():
+            tree = proc.tree
+            for page in proc.pages:
+                # Every entry on the path: process-table entry, root, PUD and PMD PDEs, leaf.
+                words = [(k.prte_addr(pid), k.mem.read_u64(k.prte_addr(pid)))]
+                table = tree.root
+                for level in (3, 2, 1, 0):
+                    addr = tree.entry_addr(table, level, page)
+                    words.append((addr, k.mem.read_u64(addr)))
+                    table = words[-1][1] & f.PDE_NLB_MASK
+                assert words[-1][1] & f.PTE_L, f"PID {pid} page {page:#x}: the L2 OS's own view has no leaf"
+                for addr, value in words:
+                    got = self._compose_real(addr)
+                    if got is None:
+                        continue  # swapped out by L1 or the host: the bytes are in a swap slot
+                    assert self.c.l0.mem.read_u64(got[0]) == value, f"L2 table word at real {addr:#x} differs from what the L2 OS stored"
 
     # ================================================================ invariants
     @invariant()
@@ -534,9 +763,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
 
     @invariant()
     def lpids_accounted(self) -> None:
-        assert len(self.c.l0.lpids_in_use) == self.ref.expected_lpids(), (
-            f"L0 holds {len(self.c.l0.lpids_in_use)} LPIDs, reference expects {self.ref.expected_lpids()}"
-        )
+        want_lpids = self.ref.expected_lpids() + self.two_d.expected_lpids()
+        assert len(self.c.l0.lpids_in_use) == want_lpids, f"L0 holds {len(self.c.l0.lpids_in_use)} LPIDs, reference expects {want_lpids}"
         for name, r in self.ref.l1s.items():
             want = {lp for lp, g in r.guests.items() if g.entered}
             assert set(self.c.vms[name].nested) == want, f"{name}: L0 registry {sorted(self.c.vms[name].nested)} != {sorted(want)}"
@@ -580,7 +808,8 @@ class NestedMmuMachine(RuleBasedStateMachine):
 
     @invariant()
     def tlbs_compose(self) -> None:
-        for s in self.c.sessions.values():
+        for name in self._sessions():
+            s = self.c.sessions[name]
             g = self.ref.l1s[s.l1].guests[s.l1_lpid]
             for e in s.vcpu.tlb.entries():
                 where = f"{s.name} TLB {e.page:#x}/2^{e.shift}"

@@ -74,6 +74,7 @@ def test_service_descriptors_have_the_rpcs() -> None:
         "ListGuests",
         "WalkTree",
         "GetStats",
+        "RegisterProcTbl",
     }
     assert _rpc_names(l2_pb2, "L2Service") == {"RunWorkload", "GetReport", "DumpTlb"}
     assert protos.L0_SERVICE_NAME == "nestmmu.l0.v1.L0Service"

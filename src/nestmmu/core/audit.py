@@ -211,10 +211,19 @@ def _audit_tlbs(l0: L0Hypervisor, ref: ShadowSnapshot, tlbs: Iterable[tuple[str,
         if l1_name is None:
             rep.add("I5", f"{where}: no live nested guest has this shadow LPID")
             continue
-        leaf = ref.lookup(e.lpid, e.page)
-        if leaf is None or leaf[0] != e.shift or leaf[1] & f.PTE_RPN_MASK != e.host:
-            rep.add("I5", f"{where}: no matching shadow leaf (stale translation)")
-            continue
+        if e.pid >= 0:
+            # An EA entry (2-D walk): its real page must still be mapped by a shadow leaf at
+            # least as large, to the same host address.
+            where = f"{where} (PID {e.pid}, real page {e.real_page:#x})"
+            leaf = ref.lookup(e.lpid, e.real_page)
+            if leaf is None or leaf[0] < e.shift or (leaf[1] & f.PTE_RPN_MASK) + (e.real_page & ((1 << leaf[0]) - 1)) != e.host:
+                rep.add("I5", f"{where}: no matching shadow leaf (stale translation)")
+                continue
+        else:
+            leaf = ref.lookup(e.lpid, e.page)
+            if leaf is None or leaf[0] != e.shift or leaf[1] & f.PTE_RPN_MASK != e.host:
+                rep.add("I5", f"{where}: no matching shadow leaf (stale translation)")
+                continue
         if leaf[2] != l1_name:
             rep.add("I4", f"{where}: host {e.host:#x} not owned by {l1_name}")
         if e.mask & ~allowed_mask(leaf[1]):

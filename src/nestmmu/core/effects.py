@@ -30,19 +30,30 @@ class Scope(Enum):
     """What a tlbie covers (hardware IS field, as delivered to TLBs)."""
 
     ADDRESS = "address"
+    PID = "pid"  # process scoped (PRS=1, IS=1): every EA translation of one PID of one LPID
     LPID = "lpid"
     ALL = "all"
 
 
 @dataclass(frozen=True, slots=True)
 class Invalidation:
-    """An LPID-tagged invalidation that TLBs must apply (tlbie ... ; tlbsync)."""
+    """An LPID-tagged invalidation that TLBs must apply (tlbie ... ; tlbsync).
+
+    ``prs`` False (partition scoped): ADDRESS drops the real-mode entries of
+    [address, address+size) *and* every EA entry whose real page overlaps it (the hardware
+    combined the two dimensions into one entry, so a partition-scoped tlbie must reach it).
+    ``prs`` True (process scoped, what an L2 OS issues for its own trees): ADDRESS drops the EA
+    entries of ``pid`` covering [address, address+size); Scope.PID drops every EA entry of
+    ``pid``.  LPID / ALL drop everything of the LPID / everything.
+    """
 
     lpid: int
     scope: Scope
     address: int = 0
     size: int = 0
     reason: str = ""
+    prs: bool = False
+    pid: int = -1
 
 
 # --- effects L0 yields ----------------------------------------------------------------------
@@ -165,17 +176,29 @@ class Outcome(Enum):
     MMIO_EMULATED = 3  # L0 emulated MMIO on L2's behalf (H_ENTER_NESTED returned H_TOO_HARD)
     L1_EMULATED = 4  # L1 emulated the access
     ERROR = 5  # unsupported configuration or livelock: the access cannot complete
+    # A process-scoped fault (invalid entry, protection, R/C missing in L2's own tree)
+    # delivered to the L2 OS itself as a DSI/ISI: no hypervisor exit.  ``dsisr`` is what the
+    # hardware puts in DSISR (NOHPTE / PROTFAULT / SET_RC | ISSTORE).
+    GUEST_FAULT = 6
 
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """A TLB fill: L2 real page -> host real page, tagged with the shadow LPID."""
+    """A TLB fill tagged with the shadow LPID.
+
+    Real mode (``pid`` -1): L2 real page -> host real page.  EA translation (``pid`` >= 0):
+    ``page`` is the effective page, ``real_page`` the L2 real page it maps to; ``shift`` is the
+    smaller of the process-scoped and the shadow leaf; ``pte`` combines both leaves'
+    permissions and R/C (the shadow PTE's RPN).
+    """
 
     lpid: int
     page: int
     host: int
     shift: int
-    pte: int  # the shadow PTE (permissions and R/C)
+    pte: int  # the shadow PTE (permissions and R/C), combined with L2's leaf for EAs
+    pid: int = -1
+    real_page: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,3 +207,4 @@ class AccessResult:
     translation: Translation | None = None
     dsisr: int = 0
     detail: str = ""
+    refs: int = 0  # memory references the hardware walks for this access made

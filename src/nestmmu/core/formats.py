@@ -72,6 +72,8 @@ H_RPTI_TYPE_TLB = 0x2
 H_RPTI_TYPE_PWC = 0x4
 H_RPTI_TYPE_PAT = 0x8  # also PRT for process scope
 H_RPTI_TYPE_NESTED_ALL = H_RPTI_TYPE_TLB | H_RPTI_TYPE_PWC | H_RPTI_TYPE_PAT
+H_RPTI_TYPE_PRT = H_RPTI_TYPE_PAT  # process scope: the cached process-table entry
+H_RPTI_TYPE_ALL = H_RPTI_TYPE_TLB | H_RPTI_TYPE_PWC | H_RPTI_TYPE_PRT
 H_RPTI_TARGET_CMMU = 0x1
 H_RPTI_TARGET_CMMU_LOCAL = 0x2
 H_RPTI_TARGET_NMMU = 0x4
@@ -277,6 +279,30 @@ def pate_rpds(dw0: int) -> int:
 
 def make_pate_dw1(prtb: int = 0, prts: int = 0, gr: bool = True) -> int:
     return (PATE_GR if gr else 0) | (prtb & PRTB_MASK) | (prts & PRTS_MASK)
+
+
+def pate_prtb(dw1: int) -> int:
+    """Process-table base from PATE dw1 (for LPID != 0 a guest real address)."""
+    return dw1 & PRTB_MASK
+
+
+def pate_prts(dw1: int) -> int:
+    """Process-table size field: the table is 2^(12+PRTS) bytes, 2^(PRTS+8) entries."""
+    return dw1 & PRTS_MASK
+
+
+def make_prte_dw0(root: int, rpds: int = 13, rts: int = RTS_52BIT) -> int:
+    """Process-table entry dw0 (same RTS/RPDB/RPDS layout as PATE dw0, no HR bit), as Linux
+    builds it for each mm (``rts_field | __pa(pgd) | RADIX_PGD_INDEX_SIZE``)."""
+    return make_pate_dw0(root, rpds, rts, hr=False)
+
+
+PRTE_SIZE = 16  # process-table entry: dw0 (radix tree), dw1 (unused for radix)
+# EA layout: bits 0:1 quadrant, bits 2:11 must be zero (else segment interrupt), 12:63 the
+# 52-bit address the radix tree translates.
+EA_QUADRANT_SHIFT = 62
+EA_VALID_MASK = (1 << 52) - 1
+EA_RESERVED_MASK = U64 & ~EA_VALID_MASK & ~(3 << EA_QUADRANT_SHIFT)
 
 
 def make_ptcr(patb: int, pats: int) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from . import formats as f
@@ -225,6 +225,54 @@ class FaultResult:
 
 
 RESUME_GUEST = FaultResult(FaultKind.RESUME_GUEST)
+
+
+@dataclass(slots=True)
+class Walk2D:
+    """One 2-D hardware walk: either an exit for L0 or a finished result, and its cost.
+
+    ``refs`` counts every memory reference the walk made: ``process_refs`` reads of L2's
+    process table and tree entries, ``shadow_refs`` reads of shadow-table entries (to
+    translate those entries' addresses and the final address)."""
+
+    exit: NestedExit | None = None
+    result: AccessResult | None = None
+    refs: int = 0
+    shadow_refs: int = 0
+    process_refs: int = 0
+
+    def count_shadow(self, n: int) -> None:
+        self.refs += n
+        self.shadow_refs += n
+
+    def guest_fault(self, dsisr: int, detail: str) -> Walk2D:
+        self.result = AccessResult(Outcome.GUEST_FAULT, dsisr=dsisr, detail=detail)
+        return self
+
+
+def _norm_perms(pte: int) -> int:
+    """EAA bits with RW implying R, so two leaves' permissions combine by AND."""
+    p = pte & f.PTE_PERM_MASK
+    return p | f.PTE_EAA_READ if p & f.PTE_EAA_RW else p
+
+
+def _process_leaf_check(pte: int, access: Access, problem_state: bool) -> int:
+    """The process-scoped leaf's checks (ppc_radix64_check_prot, and R/C which POWER9 radix
+    never sets itself): the DSISR/SRR1 cause, or 0 when the access may proceed."""
+    if problem_state and pte & f.PTE_EAA_PRIV:
+        return f.SRR1_ISI_N_G_OR_CIP if access is Access.IFETCH else f.DSISR_PROTFAULT
+    if access is Access.STORE:
+        if not pte & f.PTE_EAA_RW:
+            return f.DSISR_PROTFAULT
+    elif access is Access.IFETCH:
+        if not pte & f.PTE_EAA_EXEC:
+            return f.SRR1_ISI_N_G_OR_CIP
+    elif not pte & (f.PTE_EAA_READ | f.PTE_EAA_RW):
+        return f.DSISR_PROTFAULT
+    if not pte & f.PTE_R or (access is Access.STORE and not pte & f.PTE_C):
+        return f.DSISR_SET_RC
+    return 0
+
 
 _PATE = struct.Struct(">QQ")
 
@@ -551,6 +599,42 @@ class L0Hypervisor:
             return H.P2
         return (yield from self.do_h_rpt_invalidate_pat(vm, id_, type_, pg_sizes, start, end))
 
+    def kvmppc_nested_h_rpt_invalidate(self, gp: KvmNestedGuest, pid: int, type_: int, pg_sizes: int, start: int, end: int) -> int | None:
+        """H_RPT_INVALIDATE issued by an L2 (book3s_hv.c kvmppc_nested_h_rpt_invalidate, from
+        the nested exit): a process-scoped request (no NESTED bit, what a pseries L2 without
+        GTSE issues for its own trees) is done by L0 for the L2's shadow LPID and returns
+        H_SUCCESS to L2; a NESTED one is not L0's: None = the exit goes to L1 (RESUME_HOST)."""
+        if type_ & f.H_RPTI_TYPE_NESTED:
+            return None
+        self.stats["hcall.L2_H_RPT_INVALIDATE"] += 1
+        self.do_h_rpt_invalidate_prt(pid, gp.shadow_lpid, type_, pg_sizes & f.U64, start & f.U64, end & f.U64)
+        return H.SUCCESS
+
+    def do_h_rpt_invalidate_prt(self, pid: int, lpid: int, type_: int, pg_sizes: int, start: int, end: int) -> None:
+        """radix_tlb.c do_h_rpt_invalidate_prt: process-scoped tlbies of (LPID, PID).
+
+        TLB|PWC|PRT -> one RIC=2 PID flush; PWC -> a RIC=1 PID flush (no page-walk cache is
+        modelled: nothing to drop); the full range -> RIC=0 PID flush; else, per requested
+        page size ascending, a PID flush past the ceiling or one tlbie per page."""
+        if type_ & f.H_RPTI_TYPE_ALL == f.H_RPTI_TYPE_ALL:
+            self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_all", prs=True, pid=pid))
+            return
+        if type_ & f.H_RPTI_TYPE_PWC:
+            self.stats["rpt.prt_pwc"] += 1
+        if start == 0 and end == f.U64:
+            self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_pid", prs=True, pid=pid))
+            return
+        for bit, shift in f.RPTI_PAGE_BIT_TO_SHIFT:
+            if not pg_sizes & bit:
+                continue
+            if (end - start) >> shift > f.TLB_RANGE_FLUSH_PAGE_CEILING:
+                self.outbox.append(Invalidation(lpid, Scope.PID, reason="rpt_prt_ceiling", prs=True, pid=pid))
+                return
+            addr = start
+            while addr < end:
+                self.outbox.append(Invalidation(lpid, Scope.ADDRESS, addr, 1 << shift, "rpt_prt_va", prs=True, pid=pid))
+                addr += 1 << shift
+
     def do_h_rpt_invalidate_pat(self, vm: L1Vm, id_: int, type_: int, pg_sizes: int, start: int, end: int) -> Op[int]:
         # The id arrives as an unsigned long but every function it reaches (__find_nested,
         # kvmhv_get_nested, kvmhv_emulate_tlbie_tlb_addr) takes an int lpid: the high 32 bits
@@ -612,10 +696,12 @@ class L0Hypervisor:
     def h_copy_tofrom_guest(self, vm: L1Vm, lpid: int, pid: int, eaddr: int, to_gpa: int, from_gpa: int, n: int) -> Op[int]:
         """H_COPY_TOFROM_GUEST: a quadrant access through the *shadow* table, faults disabled.
 
-        L2's process-scoped tables are not modelled, so ``eaddr`` is taken as an L2 real
-        address (pid only picks the quadrant in the kernel).  The L2 side is the host frame the
-        shadow leaf maps (where L2's stores land); the L1 side (``to_gpa``/``from_gpa``) is
-        L1's own memory.  The L2 side must be faulted in already.
+        ``eaddr`` is an effective address of ``pid`` in the L2: L0 reaches it with quadrant 1
+        (PID = pid) or 2 (PID 0), so the hardware walks L2's process table and tree, every
+        read and the final address translated through the shadow table
+        (:meth:`kvmhv_quadrant_xlate`).  The L2 side is the host frame that gives (where L2's
+        stores land); the L1 side (``to_gpa``/``from_gpa``) is L1's own memory.  Everything on
+        the L2 side must be faulted in already.
         """
         self.stats["hcall.H_COPY_TOFROM_GUEST"] += 1
         is_load = to_gpa != 0
@@ -643,13 +729,13 @@ class L0Hypervisor:
         parts: list[bytes] = []
         while rc == H.SUCCESS and done < n:
             ea = eaddr + done
-            slot, dsisr, _ = self.hw_translate(gp, ea, Access.LOAD if is_load else Access.STORE)
-            hpa = 0 if slot is None or dsisr else (slot.pte & f.PTE_RPN_MASK) + (ea & ((1 << slot.shift) - 1))
-            owner = None if slot is None or dsisr else self.host_owner_of(hpa)
-            if slot is None or owner is None or owner[0] != vm.name:
+            got = self.kvmhv_quadrant_xlate(gp, pid, ea, Access.LOAD if is_load else Access.STORE)
+            owner = None if got is None else self.host_owner_of(got[0])
+            if got is None or owner is None or owner[0] != vm.name:
                 rc = H.NOT_FOUND  # short quadrant copy (faults are disabled)
                 break
-            chunk = min(n - done, (1 << slot.shift) - (ea & ((1 << slot.shift) - 1)))
+            hpa, shift = got
+            chunk = min(n - done, (1 << shift) - (ea & ((1 << shift) - 1)))
             # The quadrant access goes through the shadow translation to the host frame.
             if is_load:
                 parts.append(self.mem.read(hpa, chunk))
@@ -676,6 +762,27 @@ class L0Hypervisor:
             if memslot is not None and memslot.dirty_logging:
                 memslot.dirty.add(page >> self.page_shift)
                 self.stats["dirty_marked_by_l0_write"] += 1
+
+    def kvmhv_quadrant_xlate(self, gp: KvmNestedGuest, pid: int, eaddr: int, access: Access) -> tuple[int, int] | None:
+        """__kvmhv_copy_tofrom_guest_radix's translation: quadrant 1 if pid != 0 else 2, with
+        LPIDR = the shadow LPID and page faults disabled, so any fault (process or partition
+        scoped) is a short copy.  Returns (host address, size shift of the translation).
+
+        Model convention: an L2 that never registered a process table (PATE dw1 PRTB = 0) is
+        a real-mode guest whose effective addresses are its real addresses; its ``eaddr`` goes
+        through the shadow table alone, as before the 2-D walk was modelled."""
+        _, dw1 = self.read_ptbl_entry(gp.shadow_lpid)
+        if not f.pate_prtb(dw1):
+            slot, dsisr, _ = self.hw_translate(gp, eaddr, access)
+            if slot is None or dsisr:
+                return None
+            return (slot.pte & f.PTE_RPN_MASK) + (eaddr & ((1 << slot.shift) - 1)), slot.shift
+        self.stats["quadrant_walks"] += 1
+        w = self.radix_2d_translate(gp, eaddr, access, pid, hv_quadrant=True)
+        if w.result is None or w.result.outcome is not Outcome.FILL or w.result.translation is None:
+            return None
+        t = w.result.translation
+        return t.host + (eaddr - t.page), t.shift
 
     # ================================================================ nested guest registry
     def kvmhv_update_ptbl_cache(self, gp: KvmNestedGuest) -> Op[None]:
@@ -819,9 +926,133 @@ class L0Hypervisor:
             return slot, f.DSISR_SET_RC | isstore, refs
         return slot, 0, refs
 
+    # ================================================================ the 2-D walk (process scope)
+    def radix_2d_translate(self, gp: KvmNestedGuest, ea: int, access: Access, pidr: int, hv_quadrant: bool = False) -> Walk2D:
+        """What POWER9 does for an L2 access with MSR[DR]=1 (IR=1 for a fetch), LPIDR = the
+        shadow LPID: the process-scoped walk of L2's own tree with every table address
+        translated partition scoped through the shadow table, then the final partition-scoped
+        translation (ISA 3.0 radix; QEMU ``ppc_radix64_xlate`` ->
+        ``ppc_radix64_process_scoped_xlate`` / ``ppc_radix64_partition_scoped_xlate``).
+
+        Returns a :class:`Walk2D`: an HDSI/HISI exit for L0 (``exit``), or a finished
+        ``result`` (FILL, or GUEST_FAULT delivered to L2 itself), and the memory references
+        made.  ``hv_quadrant``: the access is L0's own quadrant-1/2 access (H_COPY_TOFROM_GUEST)
+        with ``pidr`` as the PID, privileged.
+        """
+        w = self._radix_2d_walk(gp, ea, access, pidr, hv_quadrant)
+        self._count_walk(w)
+        return w
+
+    def _radix_2d_walk(self, gp: KvmNestedGuest, ea: int, access: Access, pidr: int, hv_quadrant: bool) -> Walk2D:
+        w = Walk2D()
+        store = access is Access.STORE
+        isstore = f.DSISR_ISSTORE if store else 0
+        # 1. Quadrant and PID (ppc_radix64_get_fully_qualified_addr, MSR[HV]=0).
+        if ea & f.EA_RESERVED_MASK:
+            return w.guest_fault(0, f"segment interrupt: EA {ea:#x} has bits 2:11 set")
+        quadrant = ea >> f.EA_QUADRANT_SHIFT
+        if hv_quadrant:
+            pid, problem_state = pidr, False
+        elif quadrant == 0:
+            pid, problem_state = pidr, True  # user: PID = PIDR, MSR[PR]=1
+        elif quadrant == 3:
+            pid, problem_state = 0, False  # kernel: PID 0
+        else:
+            return w.guest_fault(0, f"segment interrupt: quadrant {quadrant} is not usable by a guest")
+        # 2. The process table from the shadow LPID's PATE dw1 (L1's dw1, copied by
+        #    kvmhv_set_nested_ptbl); the PATE itself is assumed cached (not counted).
+        _, dw1 = self.read_ptbl_entry(gp.shadow_lpid)
+        prtb, prts = f.pate_prtb(dw1), f.pate_prts(dw1)
+        if not prtb:
+            return w.guest_fault(f.DSISR_NOHPTE | isstore, "no process table registered (PATE dw1 PRTB = 0)")
+        if pid * f.PRTE_SIZE >= 1 << (12 + prts):
+            return w.guest_fault(f.DSISR_NOHPTE | isstore, f"PID {pid} beyond the process table (PRTS {prts})")
+        prte = self._read_table_entry(gp, w, ea, prtb + pid * f.PRTE_SIZE, access)
+        if prte is None:
+            return w
+        # 3. The process-scoped tree, each entry read through the shadow table.
+        rts, bits, base = f.pate_rts(prte), f.pate_rpds(prte), f.pate_root(prte)
+        offset = rts + 31
+        if offset != 52:
+            return w.guest_fault(f.DSISR_UNSUPP_MMU | isstore, f"process-table entry of PID {pid}: RTS gives {offset} bits, not 52")
+        va = ea & f.EA_VALID_MASK
+        level = 3
+        pte = 0
+        while True:
+            if bits < 5 or offset - bits < 12 or base & ((1 << (bits + 3)) - 1):
+                return w.guest_fault(f.DSISR_UNSUPP_MMU | isstore, f"PID {pid}: bad radix geometry at level {level}")
+            offset -= bits
+            entry = base + ((va >> offset) & ((1 << bits) - 1)) * 8
+            got = self._read_table_entry(gp, w, ea, entry, access)
+            if got is None:
+                return w
+            pte = got
+            if not pte & f.PTE_V:
+                return w.guest_fault(f.DSISR_NOHPTE | isstore, f"PID {pid}: no valid entry for EA {ea:#x}")
+            if pte & f.PTE_L:
+                break
+            if level == 0:
+                return w.guest_fault(f.DSISR_UNSUPP_MMU | isstore, f"PID {pid}: no leaf at the last level")
+            base, bits = pte & f.PDE_NLB_MASK, pte & f.PDE_NLS_MASK
+            level -= 1
+        # 4. The process-scoped leaf: privilege, permission, then R/C (the guest sets them).
+        code = _process_leaf_check(pte, access, problem_state)
+        if code:
+            return w.guest_fault(code | (isstore if access is not Access.IFETCH else 0), f"PID {pid}: L2's leaf refuses the access")
+        pshift = offset
+        raddr = (pte & f.PTE_RPN_MASK & ~((1 << pshift) - 1)) | (va & ((1 << pshift) - 1))
+        # 5. The final partition-scoped translation: a miss is the ordinary HDSI/HISI.
+        slot, dsisr, n = self.hw_translate(gp, raddr, access)
+        w.count_shadow(n)
+        if dsisr:
+            trap = f.BOOK3S_INTERRUPT_H_INST_STORAGE if access is Access.IFETCH else f.BOOK3S_INTERRUPT_H_DATA_STORAGE
+            w.exit = NestedExit(trap, ea, dsisr, raddr, access)
+            return w
+        assert slot is not None
+        # 6. The TLB entry: the smaller page, both leaves' permissions and R/C.
+        shift = min(pshift, slot.shift)
+        real_page = raddr & ~((1 << shift) - 1)
+        host = (slot.pte & f.PTE_RPN_MASK) + (real_page - slot.gpa)
+        combined = (slot.pte & ~(f.PTE_RPN_MASK | f.PTE_PERM_MASK | f.PTE_RC_MASK)) | host
+        combined |= _norm_perms(pte) & _norm_perms(slot.pte) | (pte & slot.pte & f.PTE_RC_MASK)
+        page = ea & ~((1 << shift) - 1)
+        w.result = AccessResult(Outcome.FILL, Translation(gp.shadow_lpid, page, host, shift, combined, pid, real_page))
+        return w
+
+    def _read_table_entry(self, gp: KvmNestedGuest, w: Walk2D, ea: int, entry: int, access: Access) -> int | None:
+        """One process-scoped table read: translate the entry's L2 real address through the
+        shadow table (a load), then load it from host memory.  A shadow miss is an HDSI (HISI
+        for a fetch) with PRTABLE_FAULT: HDAR = EA, ASDR = the entry's L2 real address, DSISR
+        ISSTORE from the original access (KVM checks L1's leaf with it, §3 step 3)."""
+        slot, dsisr, n = self.hw_translate(gp, entry, Access.LOAD)
+        w.count_shadow(n)
+        if dsisr:
+            isstore = f.DSISR_ISSTORE if access is Access.STORE else 0
+            trap = f.BOOK3S_INTERRUPT_H_INST_STORAGE if access is Access.IFETCH else f.BOOK3S_INTERRUPT_H_DATA_STORAGE
+            w.exit = NestedExit(trap, ea, (dsisr & ~f.DSISR_ISSTORE) | f.DSISR_PRTABLE_FAULT | isstore, entry, access)
+            self.stats["prtable_faults"] += 1
+            return None
+        assert slot is not None
+        hpa = (slot.pte & f.PTE_RPN_MASK) + (entry - slot.gpa)
+        w.refs += 1
+        w.process_refs += 1
+        return self.data_load(hpa)
+
+    def _count_walk(self, w: Walk2D) -> None:
+        stats = self.stats
+        stats["walks_2d"] += 1
+        stats["walk_refs_2d"] += w.refs
+        stats["walk_refs_shadow"] += w.shadow_refs
+        stats["walk_refs_process"] += w.process_refs
+
     # ================================================================ running L2 accesses
-    def run_access(self, gp: KvmNestedGuest, vcpu_id: int, addr: int, access: Access) -> Op[AccessResult]:
+    def run_access(self, gp: KvmNestedGuest, vcpu_id: int, addr: int, access: Access, pid: int = -1) -> Op[AccessResult]:
         """One L2 access that missed its TLB: hardware walk, nested faults, reflections.
+
+        ``pid`` -1: a real-mode access, ``addr`` is an L2 real address (partition scope
+        only).  ``pid`` >= 0: PIDR; ``addr`` is an effective address translated by the 2-D
+        walk (:meth:`radix_2d_translate`); a process-scoped fault ends the access with
+        GUEST_FAULT for the L2 OS to handle.
 
         The loop is H_ENTER_NESTED's: L0 absorbs what it can (RESUME_GUEST), reflects the rest
         to L1 (RESUME_HOST; L1 handles it and re-enters), until the access translates or L2
@@ -829,15 +1060,29 @@ class L0Hypervisor:
         """
         stats = self.stats
         einval_rounds = 0
+        refs = 0
         for attempt in range(self.config.max_reentries):
-            slot, dsisr, _ = self.hw_translate(gp, addr, access)
-            if not dsisr:
-                assert slot is not None
-                if attempt == 0:
-                    stats["shadow_hits"] += 1
-                return AccessResult(Outcome.FILL, Translation(gp.shadow_lpid, slot.gpa, slot.pte & f.PTE_RPN_MASK, slot.shift, slot.pte))
-            trap = f.BOOK3S_INTERRUPT_H_INST_STORAGE if access is Access.IFETCH else f.BOOK3S_INTERRUPT_H_DATA_STORAGE
-            ex = NestedExit(trap, addr, dsisr, addr, access)
+            if pid >= 0:
+                walk = self.radix_2d_translate(gp, addr, access, pid)
+                refs += walk.refs
+                if walk.result is not None:
+                    if attempt == 0 and walk.result.outcome is Outcome.FILL:
+                        stats["ea_walk_hits"] += 1
+                    return replace(walk.result, refs=refs)
+                assert walk.exit is not None
+                ex = walk.exit
+                dsisr = ex.hdsisr
+            else:
+                slot, dsisr, n = self.hw_translate(gp, addr, access)
+                refs += n
+                stats["walk_refs_real"] += n
+                if not dsisr:
+                    assert slot is not None
+                    if attempt == 0:
+                        stats["shadow_hits"] += 1
+                    return AccessResult(Outcome.FILL, Translation(gp.shadow_lpid, slot.gpa, slot.pte & f.PTE_RPN_MASK, slot.shift, slot.pte), refs=refs)
+                trap = f.BOOK3S_INTERRUPT_H_INST_STORAGE if access is Access.IFETCH else f.BOOK3S_INTERRUPT_H_DATA_STORAGE
+                ex = NestedExit(trap, addr, dsisr, addr, access)
             yield AcquireTlbLock(gp)
             res = yield from self.kvmhv_nested_page_fault(gp, ex)
             yield ReleaseTlbLock(gp)

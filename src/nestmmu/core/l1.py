@@ -302,6 +302,19 @@ class L1Hypervisor:
         self._count("guests_destroyed")
         return hcalls
 
+    def h_register_proc_tbl(self, lpid: int, dw1: int) -> list[Hcall]:
+        """The L2 registers its process table (H_REGISTER_PROC_TBL, radix): L1 stores it as
+        PATE dw1 of that guest and flushes the LPID with RIC=2, as Linux-as-L1 does for any
+        PATE change (kvmhv_set_ptbl_entry -> kvmhv_flush_lpid), so L0 re-reads the PATE."""
+        guest = self.guest(lpid)
+        dw1 &= f.U64
+        if f.pate_prts(dw1) > 24:
+            # kvm_vm_ioctl_configure_mmu: a process table beyond 2^36 bytes is refused.
+            raise ConfigError(f"process table size field PRTS {f.pate_prts(dw1)} exceeds 24")
+        self._write_pate(lpid, guest.pate_dw0(), dw1 | f.PATE_GR)
+        self._count("register_proc_tbl")
+        return [self._flush_lpid_hcall(lpid)]
+
     def guest(self, lpid: int) -> L2Guest:
         g = self.guests.get(lpid)
         if g is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import formats as f
 from .audit import AuditReport, audit
@@ -52,6 +52,7 @@ from .l1 import (
     TlbInvalidate,
     default_memslots,
 )
+from .l2 import KernelOps, L2Error, L2Kernel
 from .radix import WalkResult
 from .vcpu import Vcpu
 from .workload import WorkloadSpec, generate
@@ -80,6 +81,7 @@ class InProcessCluster:
         self.locks_held: set[int] = set()
         self.preempt_hook: Callable[[str], None] | None = None
         self.hcall_log: list[tuple[str, Hcall, int]] = []
+        self.kernels: dict[tuple[str, int], L2Kernel] = {}  # (L1 name, L1's lpid) -> L2 OS
 
     # ---------------------------------------------------------------- effects
     def answer(self, eff: Effect) -> Any:
@@ -192,11 +194,12 @@ class InProcessCluster:
         return self.issue_all(l1_name, self.l1s[l1_name].destroy_guest(lpid))
 
     # ---------------------------------------------------------------- vCPUs
-    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int, hcall_every: int = 0) -> VcpuSession:
+    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int, hcall_every: int = 0, pid: int = -1) -> VcpuSession:
         """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB.
 
         ``hcall_every``: the L2 program on this vCPU issues H_PUT_TERM_CHAR every that many
-        accesses (0 = never); with L1's ``hdec_every`` it drives the vCPU's logical clock."""
+        accesses (0 = never); with L1's ``hdec_every`` it drives the vCPU's logical clock.
+        ``pid`` >= 0: the vCPU runs with translation on and PIDR = pid (see :meth:`access_ea`)."""
         l1 = self.l1s[l1_name]
         state = l1.hv_guest_state(lpid, vcpu_id)
         rc, gp = self.drive(self.l0.h_enter_nested(self.vms[l1_name], state))
@@ -206,7 +209,7 @@ class InProcessCluster:
         if name in self.sessions:
             self.l0.kvmhv_put_nested(gp)
             raise ConfigError(f"vCPU {name} is already attached")
-        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid), gp, clock=ExitClock(l1.hdec_every, hcall_every))
+        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid, pid), gp, clock=ExitClock(l1.hdec_every, hcall_every))
         self.sessions[name] = s
         return s
 
@@ -245,7 +248,8 @@ class InProcessCluster:
                 run(*item)
 
     def run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
-        """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds."""
+        """One batch through the vCPU: hits stay local, misses are resolved by L0 in rounds
+        (effective addresses of PIDR when the vCPU has one, with L2's page faults handled)."""
         self._clocked(s, addrs, kinds, lambda a, k: self._run_batch(s, a, k))
 
     def _run_batch(self, s: VcpuSession, addrs: list[int], kinds: list[int]) -> None:
@@ -253,9 +257,90 @@ class InProcessCluster:
         send = vcpu.run_hits(addrs, kinds)
         while send:
             for addr, kind in send:
+                if vcpu.pid >= 0:
+                    self.access_ea(s, addr, Access(kind))
+                    continue
                 res = self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access(kind)))
                 vcpu.apply(res)
             send = vcpu.next_round()
+
+    # ---------------------------------------------------------------- the L2 OS (2-D walk)
+    def boot_l2_kernel(self, s: VcpuSession, page_shift: int = 16, pids: tuple[int, ...] = (1,), **kw: Any) -> L2Kernel:
+        """Boot the L2 OS of the vCPU's guest: allocate its process table, register it with
+        L1 (H_REGISTER_PROC_TBL -> PATE dw1 + RIC=2 flush), create the processes ``pids``.
+        Table stores run on vCPU ``s`` as real-mode stores."""
+        key = (s.l1, s.l1_lpid)
+        if key in self.kernels:
+            raise ConfigError(f"guest {s.l1}/{s.l1_lpid} already runs an L2 kernel")
+        guest = self.l1s[s.l1].guest(s.l1_lpid)
+        k = L2Kernel(guest.memory, page_shift, **kw)
+        self.kernels[key] = k
+        self.apply_kernel_ops(s, k.setup())
+        self.issue_all(s.l1, self.l1s[s.l1].h_register_proc_tbl(s.l1_lpid, k.proc_tbl_dw1()))
+        for pid in pids:
+            self.apply_kernel_ops(s, k.create_process(pid))
+        return k
+
+    def kernel(self, s: VcpuSession) -> L2Kernel:
+        k = self.kernels.get((s.l1, s.l1_lpid))
+        if k is None:
+            raise ConfigError(f"guest {s.l1}/{s.l1_lpid} runs no L2 kernel: boot_l2_kernel first")
+        return k
+
+    def apply_kernel_ops(self, s: VcpuSession, ops: KernelOps) -> None:
+        """The L2 kernel's CPU work: its stores, as real-mode data stores through the access
+        path (they take nested faults like any L2 store), then its process-scoped tlbies,
+        which reach every vCPU running with the guest's shadow LPID."""
+        for addr, value in ops.stores:
+            self.real_store(s, addr, value)
+        self.stats["l2_kernel_stores"] += len(ops.stores)
+        self.deliver(ops.tagged(s.vcpu.lpid))
+        for pid, type_, pg_sizes, start, end in ops.rpt_invalidates:
+            # The L2's hcall exits to L0, which performs it for the shadow LPID.
+            rc = self.l0.kvmppc_nested_h_rpt_invalidate(s.gp, pid, type_, pg_sizes, start, end)
+            if rc != f.H.SUCCESS:
+                raise ConfigError(f"L2's process-scoped H_RPT_INVALIDATE failed: {rc}")
+            self.deliver(self.l0.take_invalidations())
+
+    def real_store(self, s: VcpuSession, addr: int, value: int) -> None:
+        """One real-mode doubleword store by L2 (MSR[DR]=0) through TLB, shadow and faults."""
+        vcpu = s.vcpu
+        e = vcpu.tlb.lookup(vcpu.lpid, addr)
+        if e is not None and e.mask & (1 << Access.STORE):
+            host = e.host + (addr - e.page)
+        else:
+            res = cast(AccessResult, self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access.STORE)))
+            vcpu.apply(res)
+            t = res.translation
+            if res.outcome is not Outcome.FILL or t is None:
+                raise ConfigError(f"L2 kernel store at real address {addr:#x} failed: {res.outcome.name} {res.detail}")
+            host = t.host + (addr - t.page)
+        self.l0.data_store(host, value)
+
+    def access_ea(self, s: VcpuSession, ea: int, kind: Access, max_faults: int = 8) -> AccessResult:
+        """One effective-address access of PIDR that missed the TLB: the 2-D walk; a
+        process-scoped fault goes to the L2 kernel (do_page_fault), whose fix is applied and
+        the access retried.  Returns the last result (GUEST_FAULT = segfault)."""
+        vcpu = s.vcpu
+        k = self.kernels.get((s.l1, s.l1_lpid))
+        res = AccessResult(Outcome.ERROR, detail="no attempt")
+        for _ in range(max_faults):
+            res = cast(AccessResult, self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, ea, kind, pid=vcpu.pid)))
+            vcpu.apply(res)
+            if res.outcome is not Outcome.GUEST_FAULT or k is None:
+                return res
+            pid = 0 if ea >> f.EA_QUADRANT_SHIFT == 3 else vcpu.pid
+            try:
+                ops = k.handle_fault(pid, ea, kind, res.dsisr)
+            except L2Error:
+                ops = None  # out of L2 memory: the OOM killer's business, not the MMU's
+                self.stats["l2_oom"] += 1
+            if ops is None:
+                self.stats["l2_segv"] += 1
+                return res
+            self.apply_kernel_ops(s, ops)
+        self.stats["l2_fault_loops"] += 1
+        return res
 
     def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0, data: bool = False) -> Counter[str]:
         if spec.hcall_every:  # the L2 program's hcalls (as the L2 service runs it)
@@ -406,4 +491,24 @@ def data_churn_cluster(seed: int = 1, accesses: int = 5_000, data: bool = True, 
                 if g.backing:
                     pages = sorted(g.backing)
                     c.host_unmap(name, g.backing[pages[(step * 3) % len(pages)]])
+    return c
+
+
+def ea_demo_cluster(
+    seed: int = 1, accesses: int = 20_000, trace_path: str = "", guest_page_shift: int = 16, l2_page_shift: int = 16, memory: int = 256 << 20
+) -> InProcessCluster:
+    """One L1, one guest running an L2 OS, one vCPU running PID 1: a seeded workload (or a
+    lackey trace, replayed unfolded) of effective addresses through the 2-D walk.  L0's
+    ``walk_refs_2d`` / ``walk_refs_shadow`` / ``walk_refs_process`` counters then give the
+    cost of the process-scoped translation beside ``walk_refs_real``."""
+    c = InProcessCluster()
+    c.add_l1("l1a")
+    lpid = c.create_guest("l1a", page_shift=guest_page_shift, memory=memory)
+    s = c.attach_vcpu("l1a", lpid, 0, pid=1)
+    c.boot_l2_kernel(s, page_shift=l2_page_shift)
+    if trace_path:
+        spec = WorkloadSpec(pattern="trace", trace_path=trace_path, accesses=accesses, seed=seed, ea=True)
+    else:
+        spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, base=0x1000_0000, ea=True)
+    c.run_workload(s, spec)
     return c

@@ -47,80 +47,129 @@ class TlbEntry:
     shift: int
     pte: int
     mask: int
+    pid: int = -1  # -1: real mode (partition scoped only); else the PID of an EA translation
+    real_page: int = -1  # EA entries: the L2 real address of the page (partition-scoped input)
+
+
+Ctx = tuple[int, int]  # (LPID, PID context); real mode is PID -1
 
 
 class Tlb:
-    """Translation cache of one vCPU, tagged by LPID."""
+    """Translation cache of one vCPU, tagged by LPID and PID context.
+
+    Real-mode entries live in context (lpid, -1) and are keyed by L2 real page; EA entries
+    (the 2-D walk's result) in (lpid, pid), keyed by effective page, and remember the L2 real
+    page so a partition-scoped tlbie of that real range reaches them (POWER9 caches the
+    combined EA -> host real translation: the ISA requires a partition-scoped tlbie to remove
+    every entry derived from the partition-scoped translation it names).
+    """
 
     def __init__(self) -> None:
-        self.by_lpid: dict[int, dict[tuple[int, int], TlbEntry]] = {}
-        self._shifts: dict[int, set[int]] = {}
-        self._fast: dict[int, int] = {}  # addr >> 12 -> mask, for the running LPID only
-        self._fast_lpid = -1
+        self.by_ctx: dict[Ctx, dict[tuple[int, int], TlbEntry]] = {}
+        self._shifts: dict[Ctx, set[int]] = {}
+        self._pids: dict[int, set[int]] = {}  # lpid -> PID contexts holding entries
+        self._fast: dict[int, int] = {}  # addr >> 12 -> mask, for the running context only
+        self._fast_lpid = -1  # the running context (LPID, PID) the fast cache is for
+        self._fast_pid = -1
 
     def __len__(self) -> int:
-        return sum(len(d) for d in self.by_lpid.values())
+        return sum(len(d) for d in self.by_ctx.values())
 
     def entries(self) -> list[TlbEntry]:
-        return [e for d in self.by_lpid.values() for e in d.values()]
+        return [e for d in self.by_ctx.values() for e in d.values()]
 
-    def lookup(self, lpid: int, addr: int) -> TlbEntry | None:
-        d = self.by_lpid.get(lpid)
+    def lookup(self, lpid: int, addr: int, pid: int = -1) -> TlbEntry | None:
+        ctx = (lpid, pid)
+        d = self.by_ctx.get(ctx)
         if not d:
             return None
-        for shift in sorted(self._shifts[lpid]):
+        for shift in sorted(self._shifts[ctx]):
             e = d.get((shift, addr >> shift))
             if e is not None:
                 return e
         return None
 
-    def mask(self, lpid: int, addr: int) -> int:
+    def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
         """Allowed-access mask for addr (0 = miss); cached per 4K page for speed."""
-        if lpid != self._fast_lpid:
+        if lpid != self._fast_lpid or pid != self._fast_pid:
             self._fast.clear()
             self._fast_lpid = lpid
+            self._fast_pid = pid
         key = addr >> 12
         m = self._fast.get(key)
         if m is None:
-            e = self.lookup(lpid, addr)
+            e = self.lookup(lpid, addr, pid)
             if e is None:
                 return 0
             m = self._fast[key] = e.mask
         return m
 
     def fill(self, t: Translation) -> None:
-        d = self.by_lpid.setdefault(t.lpid, {})
-        self._shifts.setdefault(t.lpid, set()).add(t.shift)
+        ctx = (t.lpid, t.pid)
+        d = self.by_ctx.setdefault(ctx, {})
+        self._shifts.setdefault(ctx, set()).add(t.shift)
+        self._pids.setdefault(t.lpid, set()).add(t.pid)
         page = t.page >> t.shift
-        d[(t.shift, page)] = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte))
-        if t.lpid == self._fast_lpid:
+        d[(t.shift, page)] = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte), t.pid, t.real_page)
+        if t.lpid == self._fast_lpid and t.pid == self._fast_pid:
             if t.shift <= 16:
                 for k in range(t.page >> 12, (t.page + (1 << t.shift)) >> 12):
                     self._fast.pop(k, None)
             else:
                 self._fast.clear()
 
+    def _drop_ctx(self, ctx: Ctx) -> int:
+        d = self.by_ctx.pop(ctx, None)
+        self._shifts.pop(ctx, None)
+        pids = self._pids.get(ctx[0])
+        if pids is not None:
+            pids.discard(ctx[1])
+            if not pids:
+                del self._pids[ctx[0]]
+        return len(d) if d else 0
+
     def invalidate(self, inv: Invalidation) -> int:
         """Apply one tlbie; returns the number of entries dropped."""
         if inv.scope is Scope.ALL:
             n = len(self)
-            self.by_lpid.clear()
+            self.by_ctx.clear()
             self._shifts.clear()
+            self._pids.clear()
             self._fast.clear()
             return n
-        d = self.by_lpid.get(inv.lpid)
         if inv.lpid == self._fast_lpid:
             self._fast.clear()
-        if not d:
+        pids = self._pids.get(inv.lpid)
+        if not pids:
             return 0
         if inv.scope is Scope.LPID:
-            del self.by_lpid[inv.lpid]
-            del self._shifts[inv.lpid]
-            return len(d)
+            return sum(self._drop_ctx((inv.lpid, pid)) for pid in list(pids))
+        if inv.prs:
+            # Process scoped: only EA entries of that PID.
+            if inv.pid < 0 or inv.pid not in pids:
+                return 0
+            ctx = (inv.lpid, inv.pid)
+            if inv.scope is Scope.PID:
+                return self._drop_ctx(ctx)
+            return self._drop_range(ctx, inv.address, inv.address + max(inv.size, 1), False)
+        if inv.scope is Scope.PID:
+            return 0
+        # Partition scoped by address: real-mode entries by page, EA entries by real page.
         start, end = inv.address, inv.address + max(inv.size, 1)
-        doomed = [k for k, e in d.items() if e.page < end and start < e.page + (1 << e.shift)]
+        return sum(self._drop_range((inv.lpid, pid), start, end, pid >= 0) for pid in list(pids))
+
+    def _drop_range(self, ctx: Ctx, start: int, end: int, by_real: bool) -> int:
+        d = self.by_ctx.get(ctx)
+        if not d:
+            return 0
+        if by_real:
+            doomed = [k for k, e in d.items() if e.real_page < end and start < e.real_page + (1 << e.shift)]
+        else:
+            doomed = [k for k, e in d.items() if e.page < end and start < e.page + (1 << e.shift)]
         for k in doomed:
             del d[k]
+        if not d:
+            self._drop_ctx(ctx)
         return len(doomed)
 
     def clear(self) -> None:
@@ -130,9 +179,12 @@ class Tlb:
 class Vcpu:
     """One L2 vCPU running with a shadow LPID: its TLB, counters and the batch protocol."""
 
-    def __init__(self, vcpu_id: int, lpid: int = 0) -> None:
+    def __init__(self, vcpu_id: int, lpid: int = 0, pid: int = -1) -> None:
         self.vcpu_id = vcpu_id
         self.lpid = lpid  # the shadow LPID the hardware runs this vCPU with
+        # PIDR: -1 runs in real mode (accesses are L2 real addresses); >= 0 translates
+        # effective addresses through that process's tree (quadrant 0; quadrant 3 is PID 0).
+        self.pid = pid
         self.tlb = Tlb()
         self.stats: Counter[str] = Counter()
         self._pending: dict[tuple[int, int], int] = {}
@@ -147,12 +199,13 @@ class Vcpu:
     def _scan(self, accesses: list[tuple[int, int]]) -> list[tuple[int, int]]:
         tlb_mask = self.tlb.mask
         lpid = self.lpid
+        pid = self.pid
         hits = 0
         pending = self._pending
         deferred = self._deferred
         send: list[tuple[int, int]] = []
         for addr, kind in accesses:
-            if tlb_mask(lpid, addr) & (1 << kind):
+            if tlb_mask(lpid, addr, pid if pid < 0 else _ctx_pid(pid, addr)) & (1 << kind):
                 hits += 1
                 continue
             key = (addr >> 12, kind)
@@ -208,9 +261,17 @@ class Vcpu:
             stats["mmio_emulated"] += 1
         elif r.outcome is Outcome.L1_EMULATED:
             stats["l1_emulated"] += 1
+        elif r.outcome is Outcome.GUEST_FAULT:
+            stats["guest_faults"] += 1
         else:
             stats["errors"] += 1
 
     def invalidate(self, inv: Invalidation) -> None:
         self.stats["invalidations_applied"] += 1
         self.stats["tlb_entries_dropped"] += self.tlb.invalidate(inv)
+
+
+def _ctx_pid(pidr: int, ea: int) -> int:
+    """The PID an EA translates with: quadrant 3 (EA bits 0:1 = 0b11) is PID 0 (the kernel),
+    any other quadrant PIDR (quadrants 1/2 fault; they never fill, so they always miss)."""
+    return 0 if ea >> 62 == 3 else pidr

@@ -1,8 +1,15 @@
 """Seeded L2 workloads: the same spec and seed always give the same access sequence.
 
-Addresses are L2 *real* addresses (partition scope): L2's own process page tables are not
-modelled, so a trace of effective addresses (e.g. from ``valgrind --tool=lackey``) is folded
-into the guest's real address space modulo its footprint.
+Two translation modes, as an L2 CPU runs with MSR[DR]/MSR[IR] off or on:
+
+* **Real mode** (``virtual`` False, the default of the spec): addresses are L2 *real*
+  addresses (partition scope only).  A trace of effective addresses (``valgrind
+  --tool=lackey``) is then folded into ``[base, base + footprint)``; distinct pages of the
+  program may alias.
+* **Virtual mode** (``virtual`` True): addresses are effective addresses of process ``pid``,
+  translated by the 2-D walk through the page tables the L2 kernel builds.  A trace is replayed
+  as it was recorded (no folding); the synthetic patterns draw from
+  ``[VIRTUAL_BASE + base, VIRTUAL_BASE + base + footprint)``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from ..limits import MAX_ACCESSES_PER_VCPU, MAX_BATCH
 from .formats import Access
 
 PATTERNS = ("uniform", "hot", "sequential", "trace")
+#: Virtual mode: effective address where the synthetic patterns start (where a ppc64 Linux
+#: executable's text starts, 0x10000000), so that EA 0 (NULL) is never one of them.
+VIRTUAL_BASE = 0x1000_0000
+#: PIDR holds 20 bits on POWER9; PID 0 is the L2 kernel's own (quadrant 3).
+MAX_PID = (1 << 20) - 1
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,14 @@ class WorkloadSpec:
     data: bool = False  # data mode: stores carry values, loads are checked (see .data)
     data_fresh: bool = False  # data mode on a new guest: words never stored must read zero
     hcall_every: int = 0  # the L2 program calls H_PUT_TERM_CHAR every that many accesses (0 = never)
+    virtual: bool = False  # virtual mode: effective addresses of process ``pid`` (see above)
+    pid: int = 1
+    unmap_every: int = 0  # virtual mode: the process munmaps a page after every Nth batch (0 never)
+    ea: bool = False  # the same switch as ``virtual`` ("effective addresses"), for callers that name it so
+
+    def __post_init__(self) -> None:
+        if self.ea and not self.virtual:
+            object.__setattr__(self, "virtual", True)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -49,6 +69,12 @@ class WorkloadSpec:
             raise ValueError(f"hcall_every must be >= 0 (0 = never), not {self.hcall_every}")
         if self.pattern == "trace" and not self.trace_path:
             raise ValueError("pattern 'trace' needs trace_path")
+        if self.virtual and not 1 <= self.pid <= MAX_PID:
+            raise ValueError(f"pid must be in 1..{MAX_PID} in virtual mode (PID 0 is the L2 kernel's), not {self.pid}")
+        if self.unmap_every < 0:
+            raise ValueError(f"unmap_every must be 0 (never) or a number of batches, not {self.unmap_every}")
+        if self.virtual and self.data:
+            raise ValueError("virtual mode does not run in data mode (data mode checks L2 real addresses); use one or the other")
 
 
 _LACKEY = re.compile(r"^\s*([ILSM])\s+([0-9a-fA-F]+),(\d+)")
@@ -79,7 +105,8 @@ def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int
     rng = random.Random(spec.seed * 1_000_003 + vcpu_index)
     total = spec.accesses
     fp = spec.footprint
-    base = spec.base
+    base = spec.base + (VIRTUAL_BASE if spec.virtual else 0)
+    fold = not spec.virtual  # real mode folds a trace's effective addresses into the footprint
     pages = fp >> 12
     st, ifr = spec.store_fraction, spec.ifetch_fraction
     trace = iter(read_lackey(spec.trace_path)) if spec.pattern == "trace" else None
@@ -96,8 +123,8 @@ def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int
                     a, k = next(trace)
                 except StopIteration:
                     trace = iter(read_lackey(spec.trace_path))
-                    a, k = next(trace, (0, Access.LOAD))
-                addrs.append(base + (a % fp))
+                    a, k = next(trace, (0 if fold else base, Access.LOAD))  # an empty trace: loads at base
+                addrs.append(base + (a % fp) if fold else a)
                 kinds.append(int(k))
                 continue
             if spec.pattern == "uniform":
