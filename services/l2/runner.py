@@ -367,17 +367,9 @@ class RunStream:
         if self.failure is not None:
             raise VcpuFailed(self.failure)
         with self.lock:
-            self._batch_id += 1
-            batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=[addr], kinds=bytes([Access.STORE]), data=True, values=[value], host_addresses=[0])
-            self._data_result = None
             self._data_outcome = ""
             self._sent = [(addr, int(Access.STORE))]
-            self._batch_data = True
-            self._batch_open = True
-            self.stats["batches_sent"] += 1
-            self._done.clear()
-            self._progress = time.monotonic()
-            self.out.put_nowait(l0_pb2.RunRequest(batch=batch))
+            self._queue_data_batch([addr], bytes([Access.STORE]), [value], [0])
         _, done = await self._data_round()
         return None if done[:1] == b"\x01" else self._data_outcome or "the store did not reach memory"
 
@@ -446,8 +438,12 @@ class RunStream:
 
     def _send_data_batch(self, msg: DataMessage) -> None:
         """Queue one data batch (the caller holds the vCPU lock, see _run_data)."""
+        self._queue_data_batch(msg.addrs, bytes(msg.kinds), msg.values, msg.hosts)
+
+    def _queue_data_batch(self, addrs: list[int], kinds: bytes, values: list[int], hosts: list[int]) -> None:
+        """Send one data-mode AccessBatch on the Run stream (the caller holds the vCPU lock)."""
         self._batch_id += 1
-        batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=msg.addrs, kinds=bytes(msg.kinds), data=True, values=msg.values, host_addresses=msg.hosts)
+        batch = l0_pb2.AccessBatch(batch_id=self._batch_id, addresses=addrs, kinds=kinds, data=True, values=values, host_addresses=hosts)
         self._data_result = None
         self._batch_data = True
         self._batch_open = True

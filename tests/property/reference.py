@@ -173,6 +173,14 @@ class Reference:
             return Outcome.STORAGE_INTERRUPT
         if g.page_shift < self.l0_page_shift:
             return Outcome.ERROR
+        if r is not None and r.kind == "rom" and kind == LOAD and perms & RW and not perms & READ:
+            # __kvmhv_nested_page_fault step 9: the shadow keeps _PAGE_READ only if L1's leaf
+            # has it, and _PAGE_WRITE only if L0's PTE has it, which on a read-only memslot it
+            # never does (no write upgrade, and step 8 instantiates again only for a store).
+            # The shadow leaf then allows no load, the hardware faults again, L1's leaf allows
+            # the load (RW), and the kernel resumes the guest forever: L0 gives up after
+            # max_reentries (ERROR, counted as a livelock).
+            return Outcome.ERROR
         if r is not None and r.kind == "mmio":
             return Outcome.MMIO_EMULATED
         return Outcome.FILL

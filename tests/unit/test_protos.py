@@ -9,11 +9,7 @@ import pytest
 from nestmmu import protos
 from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
-GENERATED_MODULES = [
-    f"nestmmu.gen.{level}.v1.{level}_{suffix}"
-    for level in ("common", "l0", "l1", "l2")
-    for suffix in ("pb2", "pb2_grpc")
-]
+GENERATED_MODULES = [f"nestmmu.gen.{level}.v1.{level}_{suffix}" for level in ("common", "l0", "l1", "l2") for suffix in ("pb2", "pb2_grpc")]
 
 
 @pytest.mark.parametrize("name", GENERATED_MODULES)
@@ -145,9 +141,7 @@ def test_l0_round_trip_connect_and_run() -> None:
             l0_pb2.L0Call(call_id=1, walk=l0_pb2.WalkCall(pate_dw0=0xC000_0000_0001_000D, l1_lpid=3, n_gpa=0x2000)),
             l0_pb2.L0Call(
                 call_id=2,
-                handle_exit=l0_pb2.HandleExitCall(
-                    l1_lpid=3, trap=0xE00, hdsisr=0x40000000, asdr=0x2000, access=common_pb2.ACCESS_KIND_STORE
-                ),
+                handle_exit=l0_pb2.HandleExitCall(l1_lpid=3, trap=0xE00, hdsisr=0x40000000, asdr=0x2000, access=common_pb2.ACCESS_KIND_STORE),
             ),
         ]
     )
@@ -155,9 +149,7 @@ def test_l0_round_trip_connect_and_run() -> None:
     assert [c.WhichOneof("call") for c in back_calls.calls] == ["walk", "handle_exit"]
     assert back_calls.calls[1].handle_exit.access == common_pb2.ACCESS_KIND_STORE
 
-    reply = l0_pb2.ConnectRequest(
-        replies=[l0_pb2.L1Reply(call_id=1, walk=common_pb2.WalkResult(ok=True, l1_gpa=0x20_0000, page_shift=21))]
-    )
+    reply = l0_pb2.ConnectRequest(replies=[l0_pb2.L1Reply(call_id=1, walk=common_pb2.WalkResult(ok=True, l1_gpa=0x20_0000, page_shift=21))])
     assert l0_pb2.ConnectRequest.FromString(reply.SerializeToString()).replies[0].walk.l1_gpa == 0x20_0000
 
     results = l0_pb2.RunResponse(
@@ -186,11 +178,7 @@ def test_l0_hcall_return_codes_are_data() -> None:
     assert l0_pb2.EnterNestedResponse.FromString(resp.SerializeToString()).hcall_rc == -4
     inv = l0_pb2.RunResponse(
         invalidate=l0_pb2.InvalidationBroadcast(
-            invalidations=[
-                common_pb2.Invalidation(
-                    id=5, lpid=17, scope=common_pb2.INVALIDATION_SCOPE_ADDRESS, address=0x20_0000, size_bytes=1 << 21
-                )
-            ]
+            invalidations=[common_pb2.Invalidation(id=5, lpid=17, scope=common_pb2.INVALIDATION_SCOPE_ADDRESS, address=0x20_0000, size_bytes=1 << 21)]
         )
     )
     assert l0_pb2.RunResponse.FromString(inv.SerializeToString()).invalidate.invalidations[0].lpid == 17
@@ -200,11 +188,7 @@ def test_l1_round_trip() -> None:
     req = l1_pb2.CreateGuestRequest(
         page_shift=16,
         memory_bytes=1 << 28,
-        regions=[
-            l1_pb2.GuestRegion(
-                n_gpa=0x100_0000, size_bytes=0x1_0000, kind=l1_pb2.GUEST_REGION_KIND_MMIO_HOLE, read=True
-            )
-        ],
+        regions=[l1_pb2.GuestRegion(n_gpa=0x100_0000, size_bytes=0x1_0000, kind=l1_pb2.GUEST_REGION_KIND_MMIO_HOLE, read=True)],
     )
     back = l1_pb2.CreateGuestRequest.FromString(req.SerializeToString())
     assert back == req and back.regions[0].kind == l1_pb2.GUEST_REGION_KIND_MMIO_HOLE
