@@ -59,14 +59,19 @@ class RunStream:
             res.page_addresses.append(t.page)
             res.host_addresses.append(t.host)
             res.flags.append(fill_flags(t.pte, t.shift))
-            res.pids.append(t.pid)
-            res.real_page_addresses.append(max(t.real_page, 0))
+            if t.pid >= 0:
+                # EA fills only: the lists stay empty for real-mode results (a reader takes a
+                # missing entry as -1), so real-mode batches cost no more to build and send.
+                pad = len(res.outcomes) - 1 - len(res.pids)
+                if pad:
+                    res.pids.extend([-1] * pad)
+                    res.real_page_addresses.extend([0] * pad)
+                res.pids.append(t.pid)
+                res.real_page_addresses.append(max(t.real_page, 0))
         else:
             res.page_addresses.append(0)
             res.host_addresses.append(0)
             res.flags.append(0)
-            res.pids.append(-1)
-            res.real_page_addresses.append(0)
         res.dsisrs.append(r.dsisr)
         if r.outcome is Outcome.ERROR:
             res.error_reasons[index] = r.detail or "the access failed in L0 (no detail)"
