@@ -431,7 +431,7 @@ def test_lackey_trace_replays_effective_addresses_unfolded(tmp_path: Path) -> No
     trace = tmp_path / "t.lackey"
     trace.write_text("I  04000000,4\n L 1ffefff8c0,8\n S 1ffefff8c8,8\n M 0601f000,4\n")
     c, s, k = boot()
-    spec = WorkloadSpec(pattern="trace", trace_path=str(trace), accesses=5, ea=True, footprint=1 << 20)
+    spec = WorkloadSpec(pattern="trace", trace_path=str(trace), accesses=5, virtual=True, footprint=1 << 20)
     c.run_workload(s, spec)
     pages = {e.page for e in s.vcpu.tlb.entries() if e.pid == 1}
     assert pages == {0x0400_0000, 0x1F_FEFF_0000, 0x0601_0000}

@@ -507,8 +507,8 @@ def ea_demo_cluster(
     s = c.attach_vcpu("l1a", lpid, 0, pid=1)
     c.boot_l2_kernel(s, page_shift=l2_page_shift)
     if trace_path:
-        spec = WorkloadSpec(pattern="trace", trace_path=trace_path, accesses=accesses, seed=seed, ea=True)
+        spec = WorkloadSpec(pattern="trace", trace_path=trace_path, accesses=accesses, seed=seed, virtual=True)
     else:
-        spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, base=0x1000_0000, ea=True)
+        spec = WorkloadSpec(pattern="hot", accesses=accesses, seed=seed, footprint=16 << 20, base=0x1000_0000, virtual=True)
     c.run_workload(s, spec)
     return c

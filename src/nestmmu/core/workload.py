@@ -48,11 +48,6 @@ class WorkloadSpec:
     virtual: bool = False  # virtual mode: effective addresses of process ``pid`` (see above)
     pid: int = 1
     unmap_every: int = 0  # virtual mode: the process munmaps a page after every Nth batch (0 never)
-    ea: bool = False  # the same switch as ``virtual`` ("effective addresses"), for callers that name it so
-
-    def __post_init__(self) -> None:
-        if self.ea and not self.virtual:
-            object.__setattr__(self, "virtual", True)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
