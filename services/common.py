@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import logging
 import signal
 import sys
@@ -114,6 +115,17 @@ def metadata_with_request_id(rid: str | None = None) -> tuple[tuple[str, str], .
     return ((REQUEST_ID_KEY, rid or request_id_var.get() or new_request_id()),)
 
 
+def freeze_startup_heap() -> None:
+    """Take the objects that exist once the server is up (modules, classes, descriptors,
+    grpc and protobuf machinery: tens of thousands, alive until exit) out of the cyclic
+    garbage collector's view.  A full collection runs on the event loop's thread whenever
+    allocations trigger it, and walking them cost 25-45 ms per collection on a busy 2-core
+    host (measured in the L2 service under max-size batches): enough to break the 100 ms
+    health bound.  Later objects are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_forever(
     name: str,
     port: int,
@@ -149,6 +161,7 @@ async def serve_forever(
     await server.start()
     for svc in [*services, ""]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    freeze_startup_heap()
 
     async def mark_serving() -> None:
         if gate is not None:

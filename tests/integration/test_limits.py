@@ -5,7 +5,9 @@ health and stats within 100 ms (the worst of many probes) while it runs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -67,14 +69,22 @@ def _task(call: Awaitable[Any]) -> asyncio.Task[Any]:
 
 
 async def _probe_while(busy: asyncio.Task[Any], probes: list[Callable[[], Awaitable[Any]]]) -> list[float]:
-    """Run the probes one after another, over and over, until ``busy`` ends; their latencies."""
+    """Run the probes one after another, over and over, until ``busy`` ends; their latencies.
+
+    This process's cyclic garbage collector is off meanwhile: a full collection of the test
+    run's heap (every module and fixture of the session) pauses this client for tens of
+    milliseconds, which is not the service's latency."""
     lat: list[float] = []
-    while not busy.done():
-        for p in probes:
-            t0 = time.perf_counter()
-            await p()
-            lat.append(time.perf_counter() - t0)
-        await asyncio.sleep(0.005)
+    gc.disable()
+    try:
+        while not busy.done():
+            for p in probes:
+                t0 = time.perf_counter()
+                await p()
+                lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.005)
+    finally:
+        gc.enable()
     return lat
 
 
@@ -236,25 +246,39 @@ async def test_overlapping_tree_ops_do_not_interleave(s: Stubs) -> None:
     await s.l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=60)
 
 
-async def test_l0_answers_within_100ms_during_a_max_batch_of_shadow_hits(s: Stubs) -> None:
+async def test_l0_answers_within_100ms_during_a_max_batch_of_shadow_hits(s: Stubs, lc: cluster.LocalCluster) -> None:
     """A MAX_BATCH batch whose accesses all hit the shadow tree never suspends in the core:
-    L0's Run worker must yield within it so Health.Check and GetStats on L0 still answer."""
+    L0's Run worker must yield within it so Health.Check and GetStats on L0 still answer.
+
+    The batch's vCPU runs on an event loop of its own (a thread): the 65536 results it parses
+    at the end are this client's work, not L0's, and must not delay the probes' loop."""
     lpid = await _guest(s, 16, 64 << 20)
     a = await s.l1.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=0), timeout=30)
-    v = RawVcpu(s.l0, a.run_token)
-    await asyncio.wait_for(v.attached, 10)
     pages = [i << 16 for i in range(16)]
-    await v.run(pages, [LOAD] * len(pages))  # fault them in: the shadow tree has them now
     addrs = [pages[i % len(pages)] + (i * 8) % 4096 for i in range(MAX_BATCH)]
+    faulted_in = threading.Event()
+
+    async def vcpu() -> list[tuple[int, int, int, int, int]]:
+        async with grpc.aio.insecure_channel(lc.l0) as ch:
+            v = RawVcpu(l0_pb2_grpc.L0ServiceStub(ch), a.run_token)
+            await asyncio.wait_for(v.attached, 10)
+            await v.run(pages, [LOAD] * len(pages))  # fault them in: the shadow tree has them now
+            faulted_in.set()
+            try:
+                return await v.run(addrs, [LOAD] * MAX_BATCH, timeout=120)
+            finally:
+                await v.close()
+
+    busy = asyncio.create_task(asyncio.to_thread(asyncio.run, vcpu()))
+    while not faulted_in.is_set() and not busy.done():
+        await asyncio.sleep(0.01)
     t0 = time.perf_counter()
-    busy = _task(v.run(addrs, [LOAD] * MAX_BATCH, timeout=120))
     lat = await _probe_while(busy, [lambda: s.h0.Check(health_pb2.HealthCheckRequest(), timeout=5), lambda: s.l0.GetStats(l0_pb2.GetStatsRequest(), timeout=5)])
     res = await busy
     print(f"\nL0 batch of {MAX_BATCH} shadow hits: {time.perf_counter() - t0:.2f}s; {len(lat)} probes, max {max(lat) * 1e3:.1f} ms")
     assert len(res) == MAX_BATCH and all(r[0] == l0_pb2.ACCESS_OUTCOME_FILL for r in res)
     assert len(lat) >= 20, "the probes must overlap the batch"
     assert max(lat) < PROBE_BOUND_S, (sorted(lat)[-5:], f"worst at probe {lat.index(max(lat))} of {len(lat)}")
-    await v.close()
     await s.l1.DestroyGuest(l1_pb2.DestroyGuestRequest(lpid=lpid), timeout=10)
 
 

@@ -14,6 +14,7 @@ the outcome of each access is the same as if it ran alone, after the ones before
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from . import formats as f
@@ -88,6 +89,10 @@ class Tlb:
             if e is not None:
                 return e
         return None
+
+    def fast_cache(self) -> dict[int, int]:
+        """The per-4K-page mask cache of the context ``mask`` last ran in (cleared in place)."""
+        return self._fast
 
     def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
         """Allowed-access mask for addr (0 = miss); cached per 4K page for speed."""
@@ -191,29 +196,53 @@ class Vcpu:
         self._deferred: list[tuple[int, int]] = []
         self._sent: list[tuple[int, int]] = []
 
-    def run_hits(self, addrs: list[int], kinds: list[int]) -> list[tuple[int, int]]:
+    def run_hits(self, addrs: Sequence[int], kinds: Sequence[int]) -> list[tuple[int, int]]:
         """Scan a batch: count TLB hits; return the misses to send (one per page and kind)."""
+        if len(addrs) != len(kinds):
+            raise ValueError(f"run_hits: {len(addrs)} addresses but {len(kinds)} kinds")
         self.stats["accesses"] += len(addrs)
-        return self._scan(list(zip(addrs, kinds, strict=True)))
+        return self._scan(zip(addrs, kinds, strict=True))  # lengths checked above
 
-    def _scan(self, accesses: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        tlb_mask = self.tlb.mask
+    def _scan(self, accesses: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        tlb = self.tlb
         lpid = self.lpid
         pid = self.pid
         hits = 0
         pending = self._pending
         deferred = self._deferred
         send: list[tuple[int, int]] = []
-        for addr, kind in accesses:
-            if tlb_mask(lpid, addr, pid if pid < 0 else _ctx_pid(pid, addr)) & (1 << kind):
-                hits += 1
-                continue
-            key = (addr >> 12, kind)
-            if key in pending:
-                deferred.append((addr, kind))
-            else:
-                pending[key] = len(send)
-                send.append((addr, kind))
+        if pid < 0:
+            # Real mode, the hot path: one context for the whole scan, so look the 4K page up
+            # in the TLB's per-page cache directly and take the method call only on a miss
+            # there (the cache dict is cleared in place, never replaced, so it stays valid).
+            tlb.mask(lpid, 0)  # select the (LPID, real mode) context of the cache
+            get = tlb.fast_cache().get
+            slow = tlb.mask
+            for addr, kind in accesses:
+                m = get(addr >> 12)
+                if m is None:
+                    m = slow(lpid, addr)
+                if m >> kind & 1:
+                    hits += 1
+                    continue
+                key = (addr >> 12, kind)
+                if key in pending:
+                    deferred.append((addr, kind))
+                else:
+                    pending[key] = len(send)
+                    send.append((addr, kind))
+        else:
+            tlb_mask = tlb.mask
+            for addr, kind in accesses:
+                if tlb_mask(lpid, addr, _ctx_pid(pid, addr)) & (1 << kind):
+                    hits += 1
+                    continue
+                key = (addr >> 12, kind)
+                if key in pending:
+                    deferred.append((addr, kind))
+                else:
+                    pending[key] = len(send)
+                    send.append((addr, kind))
         self.stats["tlb_hits"] += hits
         self.stats["misses_sent"] += len(send)
         self._sent = send
