@@ -50,9 +50,7 @@ def test_image_runs_unprivileged(nestmmu_image: str) -> None:
 
 def test_healthcheck_probe_fails_when_nothing_serves(nestmmu_image: str) -> None:
     # The image's HEALTHCHECK must report unhealthy, quickly, when no server listens.
-    container = DockerContainer(nestmmu_image).with_kwargs(
-        entrypoint=["python", "-m", "nestmmu.healthcheck", "--port", "59999", "--timeout", "2"]
-    )
+    container = DockerContainer(nestmmu_image).with_kwargs(entrypoint=["python", "-m", "nestmmu.healthcheck", "--port", "59999", "--timeout", "2"])
     code, _out, err = _run_to_exit(container, timeout=60)
     assert code == 1
     assert "127.0.0.1:59999" in err
