@@ -28,6 +28,7 @@ from nestmmu.wire import SCOPE_FROM_PB
 
 from ..common import abort_invalid, new_request_id, request_id_var
 from . import data as data_mode
+from . import walks
 from .state import L1Gone, RunStream
 
 if TYPE_CHECKING:
@@ -249,6 +250,9 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
                 svc.stats["virtual_batches"] += 1
             n = 0
             slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
+            # Real mode: a fault that needs a walk of L1's tree fetches the walks of the
+            # batch's coming faults with it (walks.py); the 2-D walk fetches its own.
+            look_ahead = pid < 0 and svc.walk_batching
             for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
                 if time.perf_counter() > slice_end:
                     # Shadow hits never suspend: give acks, other vCPUs and RPCs a turn.
@@ -259,12 +263,15 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
                 if gp.freed:
                     st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
                     continue
+                if look_ahead:
+                    walks.ahead_var.set(functools.partial(walks.coming_faults, core, gp, b.addresses, b.kinds, i + 1))
                 try:
                     await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind), pid), functools.partial(st.add_result, i))
                 except (L1Gone, TimeoutError) as e:
                     st.add_result(i, AccessResult(Outcome.ERROR, detail=str(e)))
                     svc.stats["access_errors_l1_unavailable"] += 1
                 n += 1
+            walks.ahead_var.set(None)
             if st.alive:
                 st.flush_results(done=True, next_index=len(b.addresses))
             svc.stats["batches"] += 1

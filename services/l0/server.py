@@ -68,6 +68,7 @@ from ..common import BROADCAST_ACK_TIMEOUT, L1_CALL_TIMEOUT, abort_invalid, bad_
 from . import data as data_mode
 from . import inspect as inspection
 from . import run as run_rpc
+from . import walks
 from .state import L1Gone, L1Session, RunStream
 
 log = structlog.get_logger("l0")
@@ -79,7 +80,7 @@ RUN_TOKEN_TTL = 60.0
 class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
     """Adapter: protobuf in, core call, protobuf out."""
 
-    def __init__(self, core: L0Hypervisor, ack_timeout: float = BROADCAST_ACK_TIMEOUT, l1_timeout: float = L1_CALL_TIMEOUT) -> None:
+    def __init__(self, core: L0Hypervisor, ack_timeout: float = BROADCAST_ACK_TIMEOUT, l1_timeout: float = L1_CALL_TIMEOUT, walk_batching: bool = True) -> None:
         self.core = core
         self.ack_timeout = ack_timeout
         self.l1_timeout = l1_timeout
@@ -92,6 +93,9 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         self.stats: Counter[str] = Counter()
         self.latencies_us: list[float] = []
         self.moves = data_mode.HostMoves(core)
+        #: Walks of L1 trees fetched ahead for a batch's coming faults (walks.py).
+        self.walks = walks.WalkCache()
+        self.walk_batching = walk_batching
 
     # ================================================================ effects
     def _lock(self, gp: KvmNestedGuest) -> asyncio.Lock:
@@ -160,16 +164,13 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
 
     async def _answer_l1(self, eff: WalkL1Tree | ReadL1Memory | WriteL1Memory | ReflectExit) -> Any:
         if isinstance(eff, WalkL1Tree):
-            r = await self.call_l1(eff.l1, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=eff.pate_dw0, l1_lpid=eff.l1_lpid, n_gpa=eff.n_gpa)))
-            w = r.walk
-            if w.ok:
-                return WalkResult(0, w.leaf_pte, w.l1_gpa, w.page_shift, 0, w.leaf_address, w.memory_references)
-            return WalkResult(w.dsisr_code or f.DSISR_NOHPTE, fault_gpa=w.fault_gpa, refs=w.memory_references)
+            return await walks.answer_walk(self, eff)
         if isinstance(eff, ReadL1Memory):
             r = await self.call_l1(eff.l1, l0_pb2.L0Call(read_memory=l0_pb2.ReadMemoryCall(gpa=eff.gpa, length=eff.length)))
             return r.read_memory.data if r.read_memory.ok else None
         if isinstance(eff, WriteL1Memory):
             r = await self.call_l1(eff.l1, l0_pb2.L0Call(write_memory=l0_pb2.WriteMemoryCall(gpa=eff.gpa, data=eff.data)))
+            self.walks.new_epoch(eff.l1)  # L1 memory changed: walks fetched before may be stale
             return r.write_memory.ok
         ex = eff.exit
         self.stats["exits_reflected"] += 1
@@ -186,6 +187,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             gpr3=ex.gpr3,
         )
         r = await self.call_l1(eff.l1, l0_pb2.L0Call(handle_exit=call))
+        self.walks.new_epoch(eff.l1)  # L1 may have changed its tree handling the exit
         h = r.handle_exit
         return ExitReply(EXIT_FROM_PB.get(h.action, ExitAction.FAILED), h.dsisr, h.detail)
 
@@ -195,6 +197,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
             raise L1Gone(f"L1 {vm.name!r} is gone")
         call.call_id = s.next_call
         call.request_id = request_id_var.get()
+        self.stats[f"l1_calls.{call.WhichOneof('call')}"] += 1
         s.next_call += 1
         fut: asyncio.Future[l0_pb2.L1Reply] = asyncio.get_running_loop().create_future()
         s.pending[call.call_id] = fut
@@ -258,6 +261,7 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         if s is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"hcalls need a live L1 session token in metadata {SESSION_METADATA_KEY!r} (from Connect)")
         assert s is not None
+        self.walks.new_epoch(s.vm)  # an hcall may follow a change of L1's tree (see walks.py)
         return s
 
     async def Connect(self, request_iterator: AsyncIterator[l0_pb2.ConnectRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[l0_pb2.ConnectResponse]:
@@ -483,8 +487,8 @@ class L0Servicer(l0_pb2_grpc.L0ServiceServicer):
         return await inspection.audit(self)
 
 
-def create_servicer(page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT) -> L0Servicer:
-    return L0Servicer(L0Hypervisor(L0Config(page_shift=page_shift)), ack_timeout=ack_timeout)
+def create_servicer(page_shift: int = 16, ack_timeout: float = BROADCAST_ACK_TIMEOUT, walk_batching: bool = True) -> L0Servicer:
+    return L0Servicer(L0Hypervisor(L0Config(page_shift=page_shift)), ack_timeout=ack_timeout, walk_batching=walk_batching)
 
 
 async def serve(
@@ -494,8 +498,9 @@ async def serve(
     ack_timeout: float = BROADCAST_ACK_TIMEOUT,
     ready: asyncio.Event | None = None,
     metrics_port: int = 0,
+    walk_batching: bool = True,
 ) -> None:
-    servicer = create_servicer(page_shift, ack_timeout)
+    servicer = create_servicer(page_shift, ack_timeout, walk_batching)
     if metrics_port:
         bound = start_metrics(metrics_port, "l0", servicer.counters, host)
         log.info("metrics", port=bound, path="/metrics")

@@ -34,6 +34,7 @@ from nestmmu.core.effects import NestedExit
 from nestmmu.core.formats import Access
 from nestmmu.core.l1 import CopyL1Pages, CopyToFromGuest, Hcall, L1Hypervisor, L1Step, MemslotSpec, RptInvalidate, SetPartitionTable, TlbInvalidate
 from nestmmu.core.radix import WalkResult
+from nestmmu.limits import MAX_WALK_BATCH
 from nestmmu.protos import SESSION_METADATA_KEY, common_pb2, l0_pb2, l0_pb2_grpc
 from nestmmu.wire import EXIT_TO_PB
 
@@ -285,6 +286,15 @@ class L0Session:
             w = core.walk(c.walk.pate_dw0, c.walk.n_gpa)
             inflight = self.tree_changes_in_flight[c.walk.l1_lpid]
             return l0_pb2.L1Reply(call_id=c.call_id, walk=walk_to_proto(w), tree_changes_in_flight=inflight)
+        if which == "walk_batch":
+            wb = c.walk_batch
+            if len(wb.n_gpas) > MAX_WALK_BATCH:
+                return l0_pb2.L1Reply(call_id=c.call_id, error=f"walk_batch of {len(wb.n_gpas)} walks; at most {MAX_WALK_BATCH}")
+            self.stats["walks"] += len(wb.n_gpas)
+            self.stats["walk_batches"] += 1
+            walks = [walk_to_proto(core.walk(wb.pate_dw0, n_gpa)) for n_gpa in wb.n_gpas]
+            inflight = self.tree_changes_in_flight[wb.l1_lpid]
+            return l0_pb2.L1Reply(call_id=c.call_id, walk_batch=l0_pb2.WalkBatchReply(walks=walks), tree_changes_in_flight=inflight)
         if which == "read_memory":
             self.stats["memory_reads"] += 1
             data = core.read_memory(c.read_memory.gpa, c.read_memory.length)

@@ -136,10 +136,21 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json=args.log_json or None)
     if (args.forget_flush or args.hdec_every) and args.level != "l1":
         raise CliError("--forget-flush and --hdec-every are options of `serve l1` only", EXIT_USAGE)
+    if args.no_walk_batching and args.level != "l0":
+        raise CliError("--no-walk-batching is an option of `serve l0` only", EXIT_USAGE)
     if args.level == "l0":
         from nestmmu.services.l0.server import serve as serve_l0
 
-        asyncio.run(serve_l0(args.port or 50051, host=args.host, page_shift=args.page_shift, ack_timeout=args.ack_timeout, metrics_port=args.metrics_port))
+        asyncio.run(
+            serve_l0(
+                args.port or 50051,
+                host=args.host,
+                page_shift=args.page_shift,
+                ack_timeout=args.ack_timeout,
+                metrics_port=args.metrics_port,
+                walk_batching=not args.no_walk_batching,
+            )
+        )
     elif args.level == "l1":
         if not args.name or not args.l0:
             raise CliError("--name and --l0 are required for l1", EXIT_USAGE)
@@ -464,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--page-shift", type=int, default=16, choices=[12, 16], help="l0: base page shift (16 = 64K, POWER9 Linux default)")
     s.add_argument("--ack-timeout", type=float, default=2.0, help="l0: seconds a vCPU has to acknowledge a tlbie before it is disconnected")
     s.add_argument("--metrics-port", type=_int_range(0, 65535), default=0, help="l0: serve Prometheus metrics on this port (/metrics); 0 = off")
+    s.add_argument(
+        "--no-walk-batching",
+        action="store_true",
+        help="l0: one L1 round trip per nested fault's walk, as before walks were fetched ahead for a batch's coming faults (to compare)",
+    )
     s.add_argument("--vcpus", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-json", action="store_true", help="JSON logs even on a TTY (always JSON otherwise)")

@@ -41,6 +41,8 @@ MAX_TOTAL_ACCESSES = 1 << 32
 #: Size of a trace file the L2 service will replay (a lackey line is ~14 bytes: 4 GiB is
 #: about 300 M records, enough to replay a whole real program's trace).
 MAX_TRACE_BYTES = 4 << 30
+#: L1 tree walks L0 asks for in one WalkBatchCall (the misses of a batch it fetches ahead).
+MAX_WALK_BATCH = 4096
 
 __all__ = [
     "MAX_ACCESSES_PER_VCPU",
@@ -51,6 +53,7 @@ __all__ = [
     "MAX_TRACE_BYTES",
     "MAX_TREE_OP_PAGES",
     "MAX_VCPUS",
+    "MAX_WALK_BATCH",
     "RUN_WORKER_SLICE_S",
     "TREE_OP_SLICE_PAGES",
 ]

@@ -356,6 +356,16 @@ def encode_tlbie(ric: int, prs: int, r: int, lpid: int, is_: int, epn: int = 0, 
     return instr, rs, rb
 
 
+def nested_fault_n_gpa(asdr: int, hdar: int, dsisr: int) -> int:
+    """The L2 real address of an HDSI (step 2 of __kvmhv_nested_page_fault): ASDR holds the
+    page (bits 0:3 and the in-page offset are not part of it), HDAR the byte offset, except
+    for a PRTABLE_FAULT, where ASDR already names the table entry."""
+    n_gpa = asdr & ~0xF000_0000_0000_0FFF & U64
+    if not dsisr & DSISR_PRTABLE_FAULT:
+        n_gpa |= hdar & 0xFFF
+    return n_gpa
+
+
 def rmap_entry(l1_lpid: int, n_gpa: int) -> int:
     """Nested rmap entry: n_gpa bits with the L1-visible lpid in the top 12 bits."""
     return (n_gpa & RMAP_NESTED_GPA_MASK) | ((l1_lpid << RMAP_NESTED_LPID_SHIFT) & RMAP_NESTED_LPID_MASK)

@@ -1206,9 +1206,7 @@ class L0Hypervisor:
                 return FaultResult(FaultKind.RESUME_HOST, ex)
 
         # 2. The L2 real address: ASDR's page, and the byte offset from HDAR.
-        n_gpa = ex.asdr & ~0xF000_0000_0000_0FFF & f.U64
-        if not dsisr & f.DSISR_PRTABLE_FAULT:
-            n_gpa |= ea & 0xFFF
+        n_gpa = f.nested_fault_n_gpa(ex.asdr, ea, dsisr)
 
         # 3. Walk L1's partition-scoped tree (L1 owns it) and check the access against it.
         gpte: WalkResult = yield WalkL1Tree(vm, gp.l1_lpid, gp.l1_gr_to_hr, n_gpa)

@@ -1,0 +1,78 @@
+"""The L0 service's walks fetched ahead (services/l0/walks.py): what a batch's coming faults
+are, and that a fetched walk lives only within the epoch it was fetched in."""
+
+from __future__ import annotations
+
+from nestmmu.core import formats as f
+from nestmmu.core.formats import Access
+from nestmmu.core.radix import WalkResult
+from nestmmu.core.sim import InProcessCluster, VcpuSession
+from nestmmu.services.l0.walks import LOOK_AHEAD, WalkCache, coming_faults
+
+PAGE = 64 << 10
+
+
+def _rig(mapped: int) -> tuple[InProcessCluster, VcpuSession]:
+    c = InProcessCluster()
+    c.add_l1("l1")
+    lpid = c.create_guest("l1", page_shift=16, memory=16 * PAGE)
+    s = c.attach_vcpu("l1", lpid, 0)
+    c.l1s["l1"].map_pages(lpid, 0, 16 * PAGE)
+    for p in range(mapped):
+        c.access(s, p * PAGE, Access.LOAD)
+    return c, s
+
+
+def test_coming_faults_are_the_accesses_that_miss_the_shadow_table_once_each() -> None:
+    c, s = _rig(mapped=2)  # pages 0 and 1 are in the shadow table (loads: R, no C)
+    addrs = [0x10, PAGE + 8, 2 * PAGE + 0x18, 2 * PAGE + 0x18, 3 * PAGE, 0x20]
+    kinds = bytes([Access.LOAD, Access.LOAD, Access.LOAD, Access.LOAD, Access.LOAD, Access.STORE])
+    got = coming_faults(c.l0, s.gp, addrs, kinds, 0)
+    # Page 2 once (deduplicated), page 3, and the store to page 0 (a SET_RC/PROTFAULT fault).
+    assert got == [2 * PAGE + 0x18, 3 * PAGE, 0x20]
+    assert coming_faults(c.l0, s.gp, addrs, kinds, 4) == [3 * PAGE, 0x20]
+
+
+def test_coming_faults_use_the_kernels_n_gpa() -> None:
+    # Real mode: the exit's ASDR and HDAR are both the access's address.
+    c, s = _rig(mapped=0)
+    a = 5 * PAGE + 0x1238
+    assert coming_faults(c.l0, s.gp, [a], bytes([Access.LOAD]), 0) == [f.nested_fault_n_gpa(a, a, f.DSISR_NOHPTE)] == [a]
+
+
+def test_coming_faults_look_only_so_far_ahead() -> None:
+    c, s = _rig(mapped=0)
+    n = LOOK_AHEAD + 10
+    addrs = [(p % 16) * PAGE + (p // 16) * 8 for p in range(n)]
+    got = coming_faults(c.l0, s.gp, addrs, bytes([Access.LOAD]) * n, 0)
+    assert len(got) == LOOK_AHEAD and got[0] == 0 and got[-1] == addrs[LOOK_AHEAD - 1]
+
+
+def _walk(raddr: int) -> WalkResult:
+    return WalkResult(0, f.make_pte(raddr, f.PTE_EAA_READ), raddr, 16, 0, 0, 4)
+
+
+def test_a_walk_is_taken_once_and_only_for_its_key() -> None:
+    c, _ = _rig(mapped=0)
+    vm = c.vms["l1"]
+    w = WalkCache()
+    assert w.keep(vm, 1, 0xABC, {PAGE: _walk(PAGE)}, w.epoch(vm)) == 1
+    assert w.take(vm, 2, 0xABC, PAGE) is None  # another guest
+    assert w.take(vm, 1, 0xDEF, PAGE) is None  # another PATE (the guest's tree root changed)
+    assert w.has(vm, 1, 0xABC, PAGE)
+    assert w.take(vm, 1, 0xABC, PAGE) == _walk(PAGE)
+    assert w.take(vm, 1, 0xABC, PAGE) is None  # used up
+
+
+def test_a_new_epoch_drops_fetched_walks_and_refuses_fetches_started_before_it() -> None:
+    c, _ = _rig(mapped=0)
+    vm = c.vms["l1"]
+    w = WalkCache()
+    e0 = w.epoch(vm)
+    w.keep(vm, 1, 0xABC, {PAGE: _walk(PAGE)}, e0)
+    w.new_epoch(vm)  # an hcall or exit from this L1
+    assert w.take(vm, 1, 0xABC, PAGE) is None
+    # A fetch sent in epoch e0 and answered after the new epoch began is not kept.
+    assert w.keep(vm, 1, 0xABC, {2 * PAGE: _walk(2 * PAGE)}, e0) == 0
+    assert w.kept(vm) == 0
+    assert w.keep(vm, 1, 0xABC, {2 * PAGE: _walk(2 * PAGE)}, w.epoch(vm)) == 1
