@@ -1849,7 +1849,7 @@ def count_nest_rmap(l0: L0Hypervisor) -> NestRmapCount:
     """
     entries = live = 0
     for vm in l0.l1s.values():
-        leaves: dict[int, dict[tuple[int, int], int]] = {}  # l1_lpid -> {(gpa, shift): pte}
+        leaves: dict[int, tuple[dict[tuple[int, int], int], list[int]]] = {}  # l1_lpid -> ({(gpa, shift): pte}, shifts)
         for memslot in vm.memslots:
             for gfn, lst in memslot.rmap.items():
                 entries += len(lst)
@@ -1865,15 +1865,19 @@ def count_nest_rmap(l0: L0Hypervisor) -> NestRmapCount:
     return NestRmapCount(entries, live, entries - live)
 
 
-def _nested_leaf_at(vm: L1Vm, cache: dict[int, dict[tuple[int, int], int]], l1_lpid: int, n_gpa: int) -> int | None:
-    """PTE of the registered nested guest's shadow leaf covering n_gpa (leaves cached per lpid)."""
+def _nested_leaf_at(vm: L1Vm, cache: dict[int, tuple[dict[tuple[int, int], int], list[int]]], l1_lpid: int, n_gpa: int) -> int | None:
+    """PTE of the registered nested guest's shadow leaf covering n_gpa (leaves and their
+    sizes cached per lpid: recomputing the sizes per entry made GetStats quadratic, seconds
+    of L0's event loop with a few thousand leaves)."""
     got = cache.get(l1_lpid)
     if got is None:
         gp = vm.nested.get(l1_lpid)
         tbl = gp.shadow_pgtable if gp is not None else None
-        got = cache[l1_lpid] = {} if tbl is None else {(s.gpa, s.shift): s.pte for s in tbl.leaves()}
-    for shift in {k[1] for k in got}:
-        pte = got.get((n_gpa & ~((1 << shift) - 1), shift))
+        leaves = {} if tbl is None else {(s.gpa, s.shift): s.pte for s in tbl.leaves()}
+        got = cache[l1_lpid] = (leaves, sorted({shift for _, shift in leaves}))
+    leaves, shifts = got
+    for shift in shifts:
+        pte = leaves.get((n_gpa & ~((1 << shift) - 1), shift))
         if pte is not None:
             return pte
     return None
