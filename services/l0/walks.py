@@ -41,9 +41,9 @@ from .state import L1Gone
 if TYPE_CHECKING:
     from .server import L0Servicer
 
-#: How far ahead in a batch L0 looks for faults to fetch walks for (each look is one shadow
-#: walk of a few microseconds, on the event loop).
-LOOK_AHEAD = 2048
+#: How far ahead in a batch L0 looks for faults to fetch walks for (each look at a new page is
+#: one shadow walk of a few microseconds, on the event loop).
+LOOK_AHEAD = 1024
 #: Fetched walks kept per L1 at most (a batch whose faults were absorbed some other way can
 #: leave walks nobody takes; they go with the next epoch, or all at once above this).
 MAX_KEPT = 1 << 16
@@ -54,18 +54,28 @@ ahead_var: contextvars.ContextVar[Callable[[], list[int]] | None] = contextvars.
 
 
 def coming_faults(core: L0Hypervisor, gp: KvmNestedGuest, addrs: Sequence[int], kinds: bytes | Sequence[int], start: int) -> list[int]:
-    """The distinct L2 real addresses at which accesses ``start``.. of a real-mode batch will
-    take a nested fault as the shadow table is now (at most LOOK_AHEAD accesses ahead)."""
-    out: dict[int, None] = {}
+    """The L2 real addresses at which accesses ``start``.. of a real-mode batch will take a
+    nested fault as the shadow table is now: the first access of each kind to each L0 base
+    page among the next LOOK_AHEAD accesses, if it misses the shadow table."""
+    out: list[int] = []
+    seen: set[int] = set()
+    shift = core.page_shift
     end = min(len(addrs), start + LOOK_AHEAD)
     for j in range(start, end):
         a = addrs[j]
+        # One per L0 base page and access kind: the first fault in it inserts a shadow leaf
+        # that covers the rest of it whenever L1's page is at least as large (else they walk
+        # on their own), but a store or fetch may still fault on a leaf a load made.
+        key = (a >> shift) * 4 + kinds[j]
+        if key in seen:
+            continue
+        seen.add(key)
         _, dsisr, _ = core.hw_translate(gp, a, Access(kinds[j]))
         if dsisr:
-            out[f.nested_fault_n_gpa(a, a, dsisr)] = None
+            out.append(f.nested_fault_n_gpa(a, a, dsisr))
             if len(out) >= MAX_WALK_BATCH - 1:
                 break
-    return list(out)
+    return out
 
 
 class WalkCache:
