@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from . import formats as f
+from .compact import RmapList
 from .effects import (
     AccessResult,
     AcquireTlbLock,
@@ -143,7 +145,8 @@ class Memslot:
     backing_shift: int = 0  # host page size backing it: 0 = base page, 21 = THP, 30 = hugetlb
     dirty_logging: bool = False
     dirty: set[int] = field(default_factory=set)  # dirty base gfns
-    rmap: dict[int, list[int]] = field(default_factory=dict)  # gfn -> nested rmap entries
+    # gfn -> nested rmap entries, packed u64s oldest first (see RmapList)
+    rmap: dict[int, RmapList] = field(default_factory=dict)
 
     def contains(self, gpa: int) -> bool:
         return self.base <= gpa < self.base + self.size
@@ -1517,7 +1520,7 @@ class L0Hypervisor:
         table.free_table(tbl, level)
 
     # ================================================================ nested rmap
-    def for_each_nest_rmap_safe(self, entries: list[int]) -> list[int]:
+    def for_each_nest_rmap_safe(self, entries: Sequence[int]) -> list[int]:
         """The rmap entries of one gfn that the kernel's list walk visits.
 
         Kernel layout: the first entry of a gfn sits inline (tagged with
@@ -1536,7 +1539,9 @@ class L0Hypervisor:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def kvmhv_insert_nest_rmap(self, memslot: Memslot, gfn: int, n_rmap: int) -> None:
-        lst = memslot.rmap.setdefault(gfn, [])
+        lst = memslot.rmap.get(gfn)
+        if lst is None:
+            lst = memslot.rmap[gfn] = RmapList()
         if n_rmap in self.for_each_nest_rmap_safe(lst):  # dedup on lpid + n_gpa bounds growth
             return
         lst.append(n_rmap)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import formats as f
+from .compact import PageMap
 from .effects import ExitAction, ExitReply, NestedExit
 from .formats import Access
 from .l0 import PTE_BITS_MUST_MATCH, ConfigError, HvGuestState
@@ -131,7 +132,8 @@ class L2Guest:
     memory: int
     tree: RadixTable
     regions: list[GuestRegion] = field(default_factory=list)
-    backing: dict[int, int] = field(default_factory=dict)  # L2 page -> L1 real address
+    # L2 page -> L1 real address; compact (8 + 8 bytes a page), with a dict's order.
+    backing: PageMap = field(default_factory=PageMap)
     perms: dict[int, int] = field(default_factory=dict)  # L2 page -> EAA override
     # Data mode: L1 keeps the guest's bytes when it moves pages (remap copies, unmap swaps
     # out to a slot of L1 memory, the next fault swaps in), as Linux-as-L1 does.
@@ -141,6 +143,10 @@ class L2Guest:
     # The model has no L2 program counter: the instruction of a load/store L1 must emulate is
     # taken to be at this L2 address (the L2 kernel's text at real address 0).
     text: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backing, PageMap):
+            self.backing = PageMap(self.backing)
 
     @property
     def page_size(self) -> int:
@@ -189,7 +195,7 @@ class L1Hypervisor:
             raise ConfigError("an L1 needs a writable memslot for its tables")
         end = max(s.base + s.size for s in self.memslots)
         self.mmio_base = end  # the hole above the last memslot is MMIO (passed through)
-        self.mem = SimMemory(end + (64 << 20), valid=self._valid)
+        self.mem = SimMemory(end + (64 << 20), valid=self._valid, valid_span=self._valid_span)
         main = max(ram, key=lambda s: s.size)
         # vcpu->arch.last_inst of each L2 vCPU lives in "L1's kernel" (the low 16 MiB below).
         self.last_inst_base = main.base + (1 << 20)
@@ -210,6 +216,10 @@ class L1Hypervisor:
 
     def _valid(self, addr: int) -> bool:
         return any(s.base <= addr < s.base + s.size for s in self.memslots)
+
+    def _valid_span(self, lo: int, hi: int) -> bool:
+        """[lo, hi) lies inside one memslot (lets the memory skip per-read checks there)."""
+        return any(s.base <= lo and hi <= s.base + s.size for s in self.memslots)
 
     # ---------------------------------------------------------------- memory L0 reads
     def read_memory(self, gpa: int, length: int) -> bytes | None:
