@@ -214,10 +214,13 @@ class Tlb:
 
     def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
         """Allowed-access mask for addr (0 = miss); finding the entry counts as its use (LRU)."""
-        self.select(lpid, pid)
-        way = self.find(lpid, addr, pid)
+        if lpid != self._fast_lpid or pid != self._fast_pid:
+            self.select(lpid, pid)
+        way = self._fast.get(addr >> 12)
         if way is None:
-            return 0
+            way = self.find(lpid, addr, pid)
+            if way is None:
+                return 0
         way[1] = self.tick
         self.tick += 1
         return way[0]
