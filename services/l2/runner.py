@@ -49,7 +49,7 @@ from nestmmu.core.data import DataMessage, DataVcpu
 from nestmmu.core.effects import AccessResult, Invalidation, NestedExit, Outcome, Scope, Translation
 from nestmmu.core.exitclock import Batch, ExitClock, clocked
 from nestmmu.core.formats import Access
-from nestmmu.core.vcpu import Vcpu
+from nestmmu.core.vcpu import POWER9_TLB_ENTRIES, POWER9_TLB_WAYS, Vcpu
 from nestmmu.core.workload import WorkloadSpec, generate
 from nestmmu.protos import l0_pb2, l0_pb2_grpc
 from nestmmu.wire import OUTCOME_FROM_PB, SCOPE_FROM_PB, SCOPE_TO_PB, pte_from_flags
@@ -136,13 +136,23 @@ def _drain(q: queue.Queue[l0_pb2.RunRequest | None]) -> Iterator[l0_pb2.RunReque
 class RunStream:
     """The Run stream of one attached vCPU and the reader that applies L0's messages."""
 
-    def __init__(self, vcpu_id: int, l1_lpid: int, l0_address: str, run_token: str, guest: GuestOs | None = None, hdec_every: int = 0) -> None:
+    def __init__(
+        self,
+        vcpu_id: int,
+        l1_lpid: int,
+        l0_address: str,
+        run_token: str,
+        guest: GuestOs | None = None,
+        hdec_every: int = 0,
+        tlb_entries: int = POWER9_TLB_ENTRIES,
+        tlb_ways: int = POWER9_TLB_WAYS,
+    ) -> None:
         self.vcpu_id = vcpu_id
         self.hdec_every = hdec_every  # the HDEC L1 programs (AttachVcpu), on the logical clock
         self.l1_lpid = l1_lpid
         self.l0_address = l0_address
         self.run_token = run_token
-        self.vcpu = Vcpu(vcpu_id)
+        self.vcpu = Vcpu(vcpu_id, tlb_entries=tlb_entries, tlb_ways=tlb_ways)  # geometry: the workload's
         #: The TLB and counters: held by the reader thread per message, by the workload per scan.
         self.lock = threading.Lock()
         self.out: queue.Queue[l0_pb2.RunRequest | None] = queue.Queue()

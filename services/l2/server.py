@@ -64,7 +64,8 @@ _REPORT_FIELDS = (
 
 
 def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
-    """Workload -> WorkloadSpec; empty/zero pattern, accesses, footprint_bytes, batch_size mean the defaults."""
+    """Workload -> WorkloadSpec; empty/zero pattern, accesses, footprint_bytes, batch_size mean the
+    defaults, as do unset tlb_entries/tlb_ways (set to 0, tlb_entries means unbounded)."""
     d = WorkloadSpec()
     return WorkloadSpec(
         pattern=w.pattern or d.pattern,
@@ -81,6 +82,8 @@ def spec_from_proto(w: l2_pb2.Workload) -> WorkloadSpec:
         virtual=w.virtual_mode,
         pid=w.pid or d.pid,
         unmap_every=w.unmap_every,
+        tlb_entries=w.tlb_entries if w.HasField("tlb_entries") else d.tlb_entries,
+        tlb_ways=w.tlb_ways if w.HasField("tlb_ways") else d.tlb_ways,
     )
 
 
@@ -103,6 +106,10 @@ def field_of_spec_error(msg: str) -> str:
         return "workload.unmap_every"
     if msg.startswith("virtual mode"):
         return "workload.virtual_mode"
+    if msg.startswith("TLB ways"):
+        return "workload.tlb_ways"
+    if msg.startswith("TLB"):
+        return "workload.tlb_entries"
     for word, fld in (
         ("pattern", "pattern"),
         ("accesses", "accesses"),

@@ -83,7 +83,7 @@ async def run_vcpu(
             resp = await attach(l1_address, lpid, vcpu_id)
         if on_l0 is not None:  # the L2's health watches the L0s its vCPUs run on
             on_l0(resp.l0_address)
-        rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token, guest, hdec_every=resp.hdec_every)
+        rs = RunStream(vcpu_id, lpid, resp.l0_address, resp.run_token, guest, hdec_every=resp.hdec_every, tlb_entries=spec.tlb_entries, tlb_ways=spec.tlb_ways)
         stats = rs.stats
         if live is not None:
             live[key] = LiveVcpu(vcpu_id, lpid, rs.vcpu, rs.lock)

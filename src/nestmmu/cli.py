@@ -196,6 +196,8 @@ async def _workload(args: argparse.Namespace, l1s: dict[str, str], l2: str, l0: 
         virtual=_virtual(args),
         pid=args.pid,
         no_gtse=args.no_gtse,
+        tlb_entries=args.tlb_entries,
+        tlb_ways=args.tlb_ways,
     )
     counters = await cluster.l0_counters(l0) if l0 else {}
     aud = await cluster.audit(l0) if l0 else None
@@ -263,6 +265,11 @@ def _check_mode(args: argparse.Namespace) -> None:
         raise CliError("--no-gtse needs virtual mode (--mode virtual, or --trace)", EXIT_USAGE)
     if args.pid is None:
         args.pid = 1
+    from nestmmu.core.vcpu import tlb_geometry_error
+
+    tlb_error = tlb_geometry_error(args.tlb_entries, args.tlb_ways)
+    if tlb_error is not None:
+        raise CliError(f"--tlb-entries {args.tlb_entries} --tlb-ways {args.tlb_ways}: {tlb_error}", EXIT_USAGE)
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
@@ -519,6 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--no-gtse",
             action="store_true",
             help="virtual mode: the L2 kernels run without GTSE and flush with process-scoped H_RPT_INVALIDATE (performed by L0) instead of tlbie",
+        )
+        q.add_argument(
+            "--tlb-entries",
+            type=_int_range(0, (1 << 32) - 1),
+            default=1024,
+            metavar="N",
+            help="entries of each vCPU's TLB (default 1024, POWER9's per core; 0 = unbounded); evictions are counted (tlb_evictions)",
+        )
+        q.add_argument(
+            "--tlb-ways",
+            type=_int_range(1, (1 << 32) - 1),
+            default=4,
+            metavar="W",
+            help="associativity of each vCPU's TLB: LRU within classes of W entries; N / W must be a power of two (default 4, POWER9's)",
         )
 
     w = sub.add_parser("workload", help="create guests on running L1s and run the default seeded workload through an L2")

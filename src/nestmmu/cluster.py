@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nestmmu.core.vcpu import POWER9_TLB_ENTRIES, POWER9_TLB_WAYS
 from nestmmu.protos import common_pb2, l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 from nestmmu.services import connection as _connection
 
@@ -391,6 +392,8 @@ async def run_default_workload(
     virtual: bool = False,
     pid: int = 1,
     no_gtse: bool = False,
+    tlb_entries: int = POWER9_TLB_ENTRIES,
+    tlb_ways: int = POWER9_TLB_WAYS,
 ) -> list[l2_pb2.WorkloadReport]:
     """Create guests on every L1 and run a seeded workload on all of them concurrently.
 
@@ -405,6 +408,7 @@ async def run_default_workload(
     With ``attached_audit`` (a dict, filled in) and ``l0``: one audit is taken while vCPUs are
     attached (the churn paused around it), so the vCPUs' TLBs are dumped and I5 is checked.
     ``hcall_every``: each vCPU's program calls H_PUT_TERM_CHAR every that many accesses.
+    ``tlb_entries``/``tlb_ways``: each vCPU's TLB geometry (entries 0 = unbounded).
     """
     plan = plan or default_plan()
     if virtual:
@@ -450,6 +454,8 @@ async def run_default_workload(
                             pid=pid if virtual else 0,
                             unmap_every=L2_UNMAP_EVERY if virtual and with_churn else 0,
                             l2_rpt_invalidate=virtual and no_gtse,
+                            tlb_entries=tlb_entries,
+                            tlb_ways=tlb_ways,
                         ),
                     ),
                     timeout=600.0,
@@ -542,6 +548,7 @@ def summarize(
     out: dict[str, Any] = {
         "accesses": tot.get("accesses", 0),
         "tlb_hits": tot.get("tlb_hits", 0),
+        "tlb_evictions": sum(int(r.extra.get("tlb_evictions", 0)) for r in reports),
         "shadow_hits": counters.get("l0.shadow_hits", 0),
         "nested_faults": counters.get("l0.nested_faults", 0),
         "reflected_to_l1": reflected,

@@ -107,6 +107,36 @@ def test_demo_checks_the_translation_mode_before_starting_anything(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
 
 
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("demo", ("--tlb-entries", "1000"), "nestmmu demo: --tlb-entries 1000 --tlb-ways 4: TLB entries / ways must be a power of two"),
+        (
+            "demo",
+            ("--tlb-entries", "12", "--tlb-ways", "8"),
+            "nestmmu demo: --tlb-entries 12 --tlb-ways 8: TLB entries (12) must be a multiple of the ways (8)",
+        ),
+        ("workload", ("--l1", "127.0.0.1:1", "--l2", "127.0.0.1:2", "--tlb-entries", "6", "--tlb-ways", "2"), "nestmmu workload: --tlb-entries 6 --tlb-ways 2"),
+        ("demo", ("--tlb-ways", "0"), "nestmmu demo: argument --tlb-ways: 0 is not in 1..4294967295"),
+        ("demo", ("--tlb-entries", "-1"), "nestmmu demo: argument --tlb-entries: -1 is not in 0..4294967295"),
+    ],
+)
+def test_a_bad_tlb_geometry_is_one_line_exit_2_before_starting_anything(tmp_path: Path, command: str, args: tuple[str, ...], message: str) -> None:
+    r = run(command, *args, tmp=tmp_path, timeout=20)
+    assert r.returncode == cli.EXIT_USAGE
+    assert one_line(r).startswith(message)
+    assert list(tmp_path.iterdir()) == []  # no cluster was started (no log folder)
+
+
+def test_tlb_geometry_options_default_to_power9_and_take_unbounded() -> None:
+    p = cli.build_parser()
+    a = p.parse_args(["demo"])
+    assert (a.tlb_entries, a.tlb_ways) == (1024, 4)
+    a = p.parse_args(["workload", "--l1", "127.0.0.1:1", "--l2", "127.0.0.1:2", "--tlb-entries", "0"])
+    assert (a.tlb_entries, a.tlb_ways) == (0, 4)
+    cli._check_mode(a)  # unbounded is a geometry
+
+
 def test_a_trace_replays_in_virtual_mode_unless_real_mode_is_asked_for(tmp_path: Path) -> None:
     """--trace defaults to virtual mode (a trace is a program's effective addresses); folding
     into L2 real memory only with --mode real, which then also takes --data."""

@@ -23,7 +23,7 @@ from nestmmu.protos import l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 pytestmark = [pytest.mark.integration]
 
-KEYS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "mmio_emulated", "l1_emulated", "errors")
+KEYS = ("accesses", "tlb_hits", "misses_sent", "fills", "storage_interrupts", "mmio_emulated", "l1_emulated", "errors", "tlb_evictions")
 MB = 1 << 20
 
 
@@ -54,6 +54,8 @@ async def over_the_cluster(lc: cluster.LocalCluster, spec: WorkloadSpec) -> dict
         ifetch_fraction=spec.ifetch_fraction,
         batch_size=spec.batch_size,
         trace_path=spec.trace_path,
+        tlb_entries=spec.tlb_entries,
+        tlb_ways=spec.tlb_ways,
     )
     async with grpc.aio.insecure_channel(lc.l2) as ch:
         r = await l2_pb2_grpc.L2ServiceStub(ch).RunWorkload(l2_pb2.RunWorkloadRequest(l1_address=lc.l1s["l1a"], lpid=lpid, vcpus=1, workload=wl), timeout=300)
@@ -66,6 +68,18 @@ def test_seeded_run_same_in_process_and_across_the_cluster(seed: int) -> None:
     spec = WorkloadSpec(pattern="hot", accesses=20_000, seed=seed, footprint=40 * MB, store_fraction=0.3, ifetch_fraction=0.05, batch_size=1024)
     expected = in_process(spec)
     assert expected["fills"] > 100 and expected["storage_interrupts"] > 0 and expected["mmio_emulated"] > 0  # the run exercises every path
+    with cluster.local_cluster(("l1a",)) as lc:
+        got = asyncio.run(over_the_cluster(lc, spec))
+    assert got == expected
+
+
+@pytest.mark.parametrize(("entries", "ways"), [(64, 4), (32, 1)])
+def test_a_small_tlb_evicts_the_same_in_process_and_across_the_cluster(entries: int, ways: int) -> None:
+    """The geometry reaches the L2 service's vCPUs, and LRU replacement is part of the
+    deterministic outcome: the same evictions, hits and fills over the cluster."""
+    spec = WorkloadSpec(pattern="uniform", accesses=20_000, seed=5, footprint=40 * MB, batch_size=1024, tlb_entries=entries, tlb_ways=ways)
+    expected = in_process(spec)
+    assert expected["tlb_evictions"] > 1000  # the working set (640 pages) is far above the TLB
     with cluster.local_cluster(("l1a",)) as lc:
         got = asyncio.run(over_the_cluster(lc, spec))
     assert got == expected

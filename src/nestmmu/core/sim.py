@@ -54,7 +54,7 @@ from .l1 import (
 )
 from .l2 import KernelOps, L2Error, L2Kernel
 from .radix import WalkResult
-from .vcpu import Vcpu
+from .vcpu import POWER9_TLB_ENTRIES, POWER9_TLB_WAYS, Vcpu, tlb_geometry_error
 from .workload import WorkloadSpec, generate
 
 
@@ -194,12 +194,25 @@ class InProcessCluster:
         return self.issue_all(l1_name, self.l1s[l1_name].destroy_guest(lpid))
 
     # ---------------------------------------------------------------- vCPUs
-    def attach_vcpu(self, l1_name: str, lpid: int, vcpu_id: int, hcall_every: int = 0, pid: int = -1) -> VcpuSession:
+    def attach_vcpu(
+        self,
+        l1_name: str,
+        lpid: int,
+        vcpu_id: int,
+        hcall_every: int = 0,
+        pid: int = -1,
+        tlb_entries: int = POWER9_TLB_ENTRIES,
+        tlb_ways: int = POWER9_TLB_WAYS,
+    ) -> VcpuSession:
         """L1 enters the guest on a vCPU: H_ENTER_NESTED; the vCPU starts with an empty TLB.
 
         ``hcall_every``: the L2 program on this vCPU issues H_PUT_TERM_CHAR every that many
         accesses (0 = never); with L1's ``hdec_every`` it drives the vCPU's logical clock.
-        ``pid`` >= 0: the vCPU runs with translation on and PIDR = pid (see :meth:`access_ea`)."""
+        ``pid`` >= 0: the vCPU runs with translation on and PIDR = pid (see :meth:`access_ea`).
+        ``tlb_entries``/``tlb_ways``: the TLB's geometry (entries 0 = unbounded)."""
+        tlb_error = tlb_geometry_error(tlb_entries, tlb_ways)
+        if tlb_error is not None:
+            raise ConfigError(tlb_error)
         l1 = self.l1s[l1_name]
         state = l1.hv_guest_state(lpid, vcpu_id)
         rc, gp = self.drive(self.l0.h_enter_nested(self.vms[l1_name], state))
@@ -209,7 +222,7 @@ class InProcessCluster:
         if name in self.sessions:
             self.l0.kvmhv_put_nested(gp)
             raise ConfigError(f"vCPU {name} is already attached")
-        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid, pid), gp, clock=ExitClock(l1.hdec_every, hcall_every))
+        s = VcpuSession(name, l1_name, lpid, Vcpu(vcpu_id, gp.shadow_lpid, pid, tlb_entries, tlb_ways), gp, clock=ExitClock(l1.hdec_every, hcall_every))
         self.sessions[name] = s
         return s
 
@@ -305,8 +318,9 @@ class InProcessCluster:
     def real_store(self, s: VcpuSession, addr: int, value: int) -> None:
         """One real-mode doubleword store by L2 (MSR[DR]=0) through TLB, shadow and faults."""
         vcpu = s.vcpu
-        e = vcpu.tlb.lookup(vcpu.lpid, addr)
-        if e is not None and e.mask & (1 << Access.STORE):
+        # ``mask`` first: a store that hits uses the entry, which refreshes its LRU stamp.
+        e = vcpu.tlb.lookup(vcpu.lpid, addr) if vcpu.tlb.mask(vcpu.lpid, addr) & (1 << Access.STORE) else None
+        if e is not None:
             host = e.host + (addr - e.page)
         else:
             res = cast(AccessResult, self.drive(self.l0.run_access(s.gp, vcpu.vcpu_id, addr, Access.STORE)))
@@ -343,6 +357,10 @@ class InProcessCluster:
         return res
 
     def run_workload(self, s: VcpuSession, spec: WorkloadSpec, vcpu_index: int = 0, data: bool = False) -> Counter[str]:
+        """Run ``generate(spec, vcpu_index)`` on the vCPU, with the spec's TLB geometry (as the
+        L2 service gives its vCPUs); returns the vCPU's counters."""
+        spec.validate()
+        s.vcpu.set_tlb_geometry(spec.tlb_entries, spec.tlb_ways)
         if spec.hcall_every:  # the L2 program's hcalls (as the L2 service runs it)
             s.clock.hcall_every = spec.hcall_every
         for addrs, kinds in generate(spec, vcpu_index):

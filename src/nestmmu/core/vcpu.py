@@ -53,6 +53,36 @@ class TlbEntry:
 
 
 Ctx = tuple[int, int]  # (LPID, PID context); real mode is PID -1
+#: A TLB way's tag: (LPID, PID, page shift, page number at that shift).
+Tag = tuple[int, int, int, int]
+
+#: POWER9: 1,024 TLB entries per core, 4-way set associative (256 congruence classes).
+POWER9_TLB_ENTRIES = 1024
+POWER9_TLB_WAYS = 4
+#: The largest geometry a workload may ask for (the proto fields are uint32); sets are made on
+#: demand, so memory follows the entries filled, never the geometry asked for.
+MAX_TLB_ENTRIES = (1 << 32) - 1
+
+
+def tlb_geometry_error(entries: int, ways: int) -> str | None:
+    """Why (entries, ways) is not a TLB geometry, or None if it is one.
+
+    ``entries`` 0 is an unbounded TLB (``ways`` is then ignored but must still be >= 1).
+    Otherwise ``entries / ways`` congruence classes, a power of two: the hardware selects the
+    class with the low bits of the page number, so a class count that is not a power of two
+    would have no hardware counterpart."""
+    if ways < 1:
+        return f"TLB ways must be >= 1, not {ways}"
+    if not 0 <= entries <= MAX_TLB_ENTRIES:
+        return f"TLB entries must be in 0..{MAX_TLB_ENTRIES} (0 = unbounded), not {entries}"
+    if entries == 0:
+        return None
+    if entries % ways:
+        return f"TLB entries ({entries}) must be a multiple of the ways ({ways})"
+    sets = entries // ways
+    if sets & (sets - 1):
+        return f"TLB entries / ways must be a power of two (the set is selected by page-number bits), not {entries} / {ways} = {sets}"
+    return None
 
 
 class Tlb:
@@ -63,15 +93,76 @@ class Tlb:
     page so a partition-scoped tlbie of that real range reaches them (POWER9 caches the
     combined EA -> host real translation: the ISA requires a partition-scoped tlbie to remove
     every entry derived from the partition-scoped translation it names).
+
+    Geometry: ``entries`` in ``entries / ways`` congruence classes of ``ways`` entries each
+    (default POWER9's 1,024 entries, 4-way); ``entries`` 0 is unbounded (one class, no limit).
+    The class of an entry is its page number *at its own page size* (``page >> shift``, the
+    EPN for an EA entry, the real page number for a real-mode one) modulo the number of
+    classes, and all page sizes and all (LPID, PID) contexts share the one array of classes:
+    POWER9's TLB is one structure per core indexed by the page-size-specific EPN, with LPID,
+    PID and page size in the tag, so a 64K and a 2M page (or two LPIDs) can compete for the
+    same class.  Replacement is exact LRU within the class: every lookup that finds an entry
+    (a hit, or a permission miss that found it) and every fill stamps it with a running use
+    count, and a fill into a full class evicts the entry with the oldest stamp.  An eviction
+    only ever removes an entry (from the class, the context's dict and the fast cache), so a
+    later access misses and refills from the shadow table; it can never bring back a stale one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, entries: int = POWER9_TLB_ENTRIES, ways: int = POWER9_TLB_WAYS) -> None:
         self.by_ctx: dict[Ctx, dict[tuple[int, int], TlbEntry]] = {}
         self._shifts: dict[Ctx, set[int]] = {}
         self._pids: dict[int, set[int]] = {}  # lpid -> PID contexts holding entries
-        self._fast: dict[int, int] = {}  # addr >> 12 -> mask, for the running context only
+        # addr >> 12 -> the way [mask, last use] of the entry translating that 4K page, for the
+        # running context only; a hit reads the mask and stamps the use in one object.
+        self._fast: dict[int, list[int]] = {}
         self._fast_lpid = -1  # the running context (LPID, PID) the fast cache is for
         self._fast_pid = -1
+        #: Running use count: the LRU stamp of the next lookup that finds an entry, or fill.
+        self.tick = 0
+        self.capacity = 0
+        self.ways = 1
+        self._limit = 0  # ways per class, 0 = no limit (unbounded)
+        self._set_mask = 0  # classes - 1
+        self._sets: dict[int, dict[Tag, list[int]]] = {}  # class -> tag -> [mask, last use]
+        self._configure(entries, ways)
+
+    def _configure(self, entries: int, ways: int) -> None:
+        err = tlb_geometry_error(entries, ways)
+        if err is not None:
+            raise ValueError(err)
+        self.capacity = entries
+        self.ways = ways
+        self._limit = ways if entries else 0
+        self._set_mask = entries // ways - 1 if entries else 0
+        self._sets = {}
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        """(entries, ways); entries 0 = unbounded."""
+        return self.capacity, self.ways
+
+    def resize(self, entries: int, ways: int) -> int:
+        """Change the geometry, keeping the most recently used entries that fit (the others are
+        evicted, oldest first, as if refilled in their order of use); returns the evictions."""
+        if (entries, ways) == self.geometry:
+            return 0
+        old = sorted((way[1], tag, way) for ways_ in self._sets.values() for tag, way in ways_.items())
+        self._configure(entries, ways)
+        evicted = 0
+        for _, tag, way in old:
+            s = self._class(tag[3])
+            if self._limit and len(s) >= self._limit:
+                self._evict(s)
+                evicted += 1
+            s[tag] = way
+        return evicted
+
+    def _class(self, page_number: int) -> dict[Tag, list[int]]:
+        idx = page_number & self._set_mask
+        s = self._sets.get(idx)
+        if s is None:
+            s = self._sets[idx] = {}
+        return s
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.by_ctx.values())
@@ -79,7 +170,13 @@ class Tlb:
     def entries(self) -> list[TlbEntry]:
         return [e for d in self.by_ctx.values() for e in d.values()]
 
+    def class_sizes(self) -> list[int]:
+        """Entries held in each congruence class that holds any (for checks and tests)."""
+        return [len(s) for s in self._sets.values() if s]
+
     def lookup(self, lpid: int, addr: int, pid: int = -1) -> TlbEntry | None:
+        """The entry translating ``addr`` (smallest page size first); an inspection: it does
+        not count as a use for LRU (``mask`` and the scan do)."""
         ctx = (lpid, pid)
         d = self.by_ctx.get(ctx)
         if not d:
@@ -90,38 +187,85 @@ class Tlb:
                 return e
         return None
 
-    def fast_cache(self) -> dict[int, int]:
-        """The per-4K-page mask cache of the context ``mask`` last ran in (cleared in place)."""
+    def fast_cache(self) -> dict[int, list[int]]:
+        """The per-4K-page cache of the running context (cleared in place, never replaced):
+        4K page -> the way [allowed mask, last use] of the entry translating it."""
         return self._fast
 
-    def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
-        """Allowed-access mask for addr (0 = miss); cached per 4K page for speed."""
+    def select(self, lpid: int, pid: int = -1) -> None:
+        """Make (lpid, pid) the running context of the fast cache."""
         if lpid != self._fast_lpid or pid != self._fast_pid:
             self._fast.clear()
             self._fast_lpid = lpid
             self._fast_pid = pid
+
+    def find(self, lpid: int, addr: int, pid: int = -1) -> list[int] | None:
+        """The way [mask, last use] translating ``addr`` in the running context (``select``),
+        entered in the fast cache; None on a miss.  The caller stamps the use."""
         key = addr >> 12
-        m = self._fast.get(key)
-        if m is None:
+        way = self._fast.get(key)
+        if way is None:
             e = self.lookup(lpid, addr, pid)
             if e is None:
-                return 0
-            m = self._fast[key] = e.mask
-        return m
+                return None
+            pn = e.page >> e.shift
+            way = self._fast[key] = self._sets[pn & self._set_mask][(lpid, pid, e.shift, pn)]
+        return way
 
-    def fill(self, t: Translation) -> None:
+    def mask(self, lpid: int, addr: int, pid: int = -1) -> int:
+        """Allowed-access mask for addr (0 = miss); finding the entry counts as its use (LRU)."""
+        if lpid != self._fast_lpid or pid != self._fast_pid:
+            self.select(lpid, pid)
+        way = self._fast.get(addr >> 12)
+        if way is None:
+            way = self.find(lpid, addr, pid)
+            if way is None:
+                return 0
+        way[1] = self.tick
+        self.tick += 1
+        return way[0]
+
+    def fill(self, t: Translation) -> int:
+        """Install a translation (replacing the entry of the same page and size); returns the
+        number of entries evicted to make room for it (0 or 1)."""
         ctx = (t.lpid, t.pid)
+        pn = t.page >> t.shift
+        tag = (t.lpid, t.pid, t.shift, pn)
+        s = self._class(pn)
+        evicted = 0
+        if tag not in s and self._limit and len(s) >= self._limit:
+            self._evict(s)
+            evicted = 1
         d = self.by_ctx.setdefault(ctx, {})
         self._shifts.setdefault(ctx, set()).add(t.shift)
         self._pids.setdefault(t.lpid, set()).add(t.pid)
-        page = t.page >> t.shift
-        d[(t.shift, page)] = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte), t.pid, t.real_page)
-        if t.lpid == self._fast_lpid and t.pid == self._fast_pid:
-            if t.shift <= 16:
-                for k in range(t.page >> 12, (t.page + (1 << t.shift)) >> 12):
+        e = TlbEntry(t.lpid, t.page, t.host, t.shift, t.pte, allowed_mask(t.pte), t.pid, t.real_page)
+        d[(t.shift, pn)] = e
+        s[tag] = [e.mask, self.tick]  # a new way object: the fast cache never sees the old one
+        self.tick += 1
+        self._unfast(t.lpid, t.pid, t.page, t.shift)
+        return evicted
+
+    def _unfast(self, lpid: int, pid: int, page: int, shift: int) -> None:
+        """Drop the fast cache's 4K pages of [page, page + 2^shift) in context (lpid, pid)."""
+        if lpid == self._fast_lpid and pid == self._fast_pid:
+            if shift <= 16:
+                for k in range(page >> 12, (page + (1 << shift)) >> 12):
                     self._fast.pop(k, None)
             else:
                 self._fast.clear()
+
+    def _evict(self, s: dict[Tag, list[int]]) -> None:
+        """Remove the least recently used entry of class ``s`` (full, so not empty)."""
+        tag = min(s, key=lambda k: s[k][1])
+        lpid, pid, shift, pn = tag
+        del s[tag]
+        ctx = (lpid, pid)
+        d = self.by_ctx[ctx]
+        del d[(shift, pn)]
+        if not d:
+            self._drop_ctx(ctx)
+        self._unfast(lpid, pid, pn << shift, shift)
 
     def _drop_ctx(self, ctx: Ctx) -> int:
         d = self.by_ctx.pop(ctx, None)
@@ -131,7 +275,12 @@ class Tlb:
             pids.discard(ctx[1])
             if not pids:
                 del self._pids[ctx[0]]
-        return len(d) if d else 0
+        if not d:
+            return 0
+        sets, set_mask = self._sets, self._set_mask
+        for shift, pn in d:
+            del sets[pn & set_mask][(ctx[0], ctx[1], shift, pn)]
+        return len(d)
 
     def invalidate(self, inv: Invalidation) -> int:
         """Apply one tlbie; returns the number of entries dropped."""
@@ -141,6 +290,7 @@ class Tlb:
             self._shifts.clear()
             self._pids.clear()
             self._fast.clear()
+            self._sets.clear()
             return n
         if inv.lpid == self._fast_lpid:
             self._fast.clear()
@@ -171,8 +321,11 @@ class Tlb:
             doomed = [k for k, e in d.items() if e.real_page < end and start < e.real_page + (1 << e.shift)]
         else:
             doomed = [k for k, e in d.items() if e.page < end and start < e.page + (1 << e.shift)]
+        sets, set_mask = self._sets, self._set_mask
         for k in doomed:
             del d[k]
+            shift, pn = k
+            del sets[pn & set_mask][(ctx[0], ctx[1], shift, pn)]
         if not d:
             self._drop_ctx(ctx)
         return len(doomed)
@@ -184,13 +337,13 @@ class Tlb:
 class Vcpu:
     """One L2 vCPU running with a shadow LPID: its TLB, counters and the batch protocol."""
 
-    def __init__(self, vcpu_id: int, lpid: int = 0, pid: int = -1) -> None:
+    def __init__(self, vcpu_id: int, lpid: int = 0, pid: int = -1, tlb_entries: int = POWER9_TLB_ENTRIES, tlb_ways: int = POWER9_TLB_WAYS) -> None:
         self.vcpu_id = vcpu_id
         self.lpid = lpid  # the shadow LPID the hardware runs this vCPU with
         # PIDR: -1 runs in real mode (accesses are L2 real addresses); >= 0 translates
         # effective addresses through that process's tree (quadrant 0; quadrant 3 is PID 0).
         self.pid = pid
-        self.tlb = Tlb()
+        self.tlb = Tlb(tlb_entries, tlb_ways)
         self.stats: Counter[str] = Counter()
         self._pending: dict[tuple[int, int], int] = {}
         self._deferred: list[tuple[int, int]] = []
@@ -215,22 +368,30 @@ class Vcpu:
             # Real mode, the hot path: one context for the whole scan, so look the 4K page up
             # in the TLB's per-page cache directly and take the method call only on a miss
             # there (the cache dict is cleared in place, never replaced, so it stays valid).
-            tlb.mask(lpid, 0)  # select the (LPID, real mode) context of the cache
+            # A hit stamps the entry's way with the running use count (exact LRU in its class;
+            # no fill or eviction happens during a scan, so the count stays local until the
+            # end), and hits are the stamps taken minus the permission misses that took one.
+            tlb.select(lpid)  # the (LPID, real mode) context of the cache
             get = tlb.fast_cache().get
-            slow = tlb.mask
+            find = tlb.find
+            tick = tick0 = tlb.tick
+            denied = 0
             for addr, kind in accesses:
-                m = get(addr >> 12)
-                if m is None:
-                    m = slow(lpid, addr)
-                if m >> kind & 1:
-                    hits += 1
-                    continue
+                way = get(addr >> 12)
+                if way is not None or (way := find(lpid, addr)) is not None:
+                    way[1] = tick
+                    tick += 1
+                    if way[0] >> kind & 1:
+                        continue
+                    denied += 1  # found, but not for this kind (a store without C): a miss
                 key = (addr >> 12, kind)
                 if key in pending:
                     deferred.append((addr, kind))
                 else:
                     pending[key] = len(send)
                     send.append((addr, kind))
+            tlb.tick = tick
+            hits = tick - tick0 - denied
         else:
             tlb_mask = tlb.mask
             for addr, kind in accesses:
@@ -282,7 +443,8 @@ class Vcpu:
         stats = self.stats
         if r.outcome is Outcome.FILL:
             assert r.translation is not None
-            self.tlb.fill(r.translation)
+            if self.tlb.fill(r.translation):
+                stats["tlb_evictions"] += 1
             stats["fills"] += 1
         elif r.outcome is Outcome.STORAGE_INTERRUPT:
             stats["storage_interrupts"] += 1
@@ -294,6 +456,13 @@ class Vcpu:
             stats["guest_faults"] += 1
         else:
             stats["errors"] += 1
+
+    def set_tlb_geometry(self, entries: int, ways: int) -> None:
+        """Give the TLB another geometry (entries 0 = unbounded); entries that no longer fit
+        are evicted, least recently used first, and counted."""
+        n = self.tlb.resize(entries, ways)
+        if n:
+            self.stats["tlb_evictions"] += n
 
     def invalidate(self, inv: Invalidation) -> None:
         self.stats["invalidations_applied"] += 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..limits import MAX_ACCESSES_PER_VCPU, MAX_BATCH
 from .formats import Access
+from .vcpu import POWER9_TLB_ENTRIES, POWER9_TLB_WAYS, tlb_geometry_error
 
 PATTERNS = ("uniform", "hot", "sequential", "trace")
 #: Virtual mode: effective address where the synthetic patterns start (where a ppc64 Linux
@@ -48,6 +49,9 @@ class WorkloadSpec:
     virtual: bool = False  # virtual mode: effective addresses of process ``pid`` (see above)
     pid: int = 1
     unmap_every: int = 0  # virtual mode: the process munmaps a page after every Nth batch (0 never)
+    # The vCPU TLB's geometry (POWER9: 1,024 entries per core, 4-way); entries 0 = unbounded.
+    tlb_entries: int = POWER9_TLB_ENTRIES
+    tlb_ways: int = POWER9_TLB_WAYS
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -68,6 +72,9 @@ class WorkloadSpec:
             raise ValueError(f"pid must be in 1..{MAX_PID} in virtual mode (PID 0 is the L2 kernel's), not {self.pid}")
         if self.unmap_every < 0:
             raise ValueError(f"unmap_every must be 0 (never) or a number of batches, not {self.unmap_every}")
+        tlb_error = tlb_geometry_error(self.tlb_entries, self.tlb_ways)
+        if tlb_error is not None:
+            raise ValueError(tlb_error)
         if self.virtual and self.data:
             raise ValueError("virtual mode does not run in data mode (data mode checks L2 real addresses); use one or the other")
 
