@@ -207,9 +207,11 @@ def _issue8(quick: bool, say: Any, core: dict[str, Any], rss_pages: int) -> dict
         if n == 16:
             figures["broadcast_p99_us_16vcpu"] = b["l0_broadcast_us_p99"]
     pages = 20_000 if quick else 100_000
-    say(f"bytes per mapped page (in process, {pages} pages)")
-    details["bytes_per_mapped_page"] = m = bf.bytes_per_mapped_page(pages)
+    say(f"bytes per mapped page (Python allocations, tracemalloc, {pages} pages, a fresh process)")
+    details["bytes_per_mapped_page"] = m = bf.bytes_per_mapped_page(pages, "tracemalloc")
     figures["bytes_per_mapped_page"] = m["bytes_per_page"]
+    say(f"bytes per mapped page (resident growth, {pages} pages, a fresh process)")
+    details["bytes_per_mapped_page_rss"] = bf.bytes_per_mapped_page(pages, "rss")
     with bf.temp_dir() as tmp, local_cluster(("l1a",)) as c:
         say(f"resident memory of all services after 8 vCPUs touch {rss_pages} pages")
         details["rss"] = r = asyncio.run(bf.rss_after_touching(c.l1s["l1a"], c.l2, [p.pid for p in c.procs], rss_pages, 8, tmp))

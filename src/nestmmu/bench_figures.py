@@ -149,37 +149,62 @@ def rss_mib(pids: list[int]) -> float:
     return round(sum(_rss_bytes(p) for p in pids) / (1 << 20), 1)
 
 
-def bytes_per_mapped_page(pages: int) -> dict[str, Any]:
-    """In process: the resident-memory growth of mapping ``pages`` 64K pages in one L1 guest
-    (the L1 tree) and faulting each once through L0 (L0's partition-scoped PTE, the shadow
-    leaf, the nest rmap), per page.  No vCPU TLB: L0's walk is driven directly."""
+def _bytes_per_mapped_page_here(pages: int, method: str) -> dict[str, Any]:
+    """In this process: the memory growth of mapping ``pages`` 64K pages in one L1 guest (the
+    L1 tree) and faulting each once through L0 (L0's partition-scoped PTE, the shadow leaf,
+    the nest rmap), per page.  No vCPU TLB: L0's walk is driven directly.  ``method``
+    "tracemalloc": the Python allocations made (exact; slows the faults several times);
+    "rss": resident set growth (what the OS sees, but memory freed during set-up is reused
+    first, so it understates, and grows unevenly with ``pages``)."""
+    import tracemalloc
+
     from nestmmu.core.sim import InProcessCluster
+
+    def now() -> int:
+        return tracemalloc.get_traced_memory()[0] if method == "tracemalloc" else _rss_bytes()
 
     c = InProcessCluster()
     c.add_l1("l1")
     lpid = c.create_guest("l1", page_shift=16, memory=pages * PAGE)
     s = c.attach_vcpu("l1", lpid, 0)
     gc.collect()
-    b0 = _rss_bytes()
+    if method == "tracemalloc":
+        tracemalloc.start()
+    b0 = now()
     _, hcalls = c.l1s["l1"].map_pages(lpid, 0, pages * PAGE)
     c.issue_all("l1", hcalls)
     gc.collect()
-    b1 = _rss_bytes()
+    b1 = now()
     l0, gp, vid = c.l0, s.gp, s.vcpu.vcpu_id
     load = Access.LOAD
     for p in range(pages):
         c.drive(l0.run_access(gp, vid, p * PAGE + 8, load))
     gc.collect()
-    b2 = _rss_bytes()
+    b2 = now()
     if l0.stats["nested_faults"] != pages:
         raise RuntimeError(f"bytes_per_mapped_page: {l0.stats['nested_faults']} nested faults for {pages} pages")
     return {
         "pages": pages,
-        "method": "resident set growth of this process (gc.collect first)",
+        "method": method,
         "l1_tree_bytes_per_page": round((b1 - b0) / pages, 1),
         "l0_and_shadow_bytes_per_page": round((b2 - b1) / pages, 1),
         "bytes_per_page": round((b2 - b0) / pages, 1),
     }
+
+
+def bytes_per_mapped_page(pages: int, method: str = "tracemalloc") -> dict[str, Any]:
+    """:func:`_bytes_per_mapped_page_here` in a fresh Python process, so the growth is not
+    hidden by memory an earlier measurement freed."""
+    import json
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "nestmmu.bench_figures", "bytes-per-page", str(pages), method], capture_output=True, text=True, check=False, timeout=3600
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"bytes_per_mapped_page: the measuring process failed: {out.stderr.strip().splitlines()[-1:]}")
+    got: dict[str, Any] = json.loads(out.stdout)
+    return got
 
 
 def record_lackey_trace(min_records: int, out_dir: str) -> tuple[str, int, str]:
@@ -261,3 +286,13 @@ async def rss_after_touching(l1: str, l2: str, pids: list[int], pages: int, vcpu
     if r.report.errors:
         raise RuntimeError(f"rss: {r.report.errors} access errors: {list(r.report.error_details)[:3]}")
     return {"pages": pages, "vcpus": vcpus, "rss_mib_before": before, "rss_mib": after, "seconds": round(dt, 1), "fills": r.report.fills}
+
+
+if __name__ == "__main__":  # python -m nestmmu.bench_figures bytes-per-page PAGES rss|tracemalloc
+    import json
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "bytes-per-page" or sys.argv[3] not in ("rss", "tracemalloc"):
+        print("usage: python -m nestmmu.bench_figures bytes-per-page PAGES rss|tracemalloc", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(_bytes_per_mapped_page_here(int(sys.argv[2]), sys.argv[3])))
