@@ -9,7 +9,7 @@ When the first fault of a batch needs a walk, L0 looks ahead in the batch: every
 of it that also misses the shadow table (``hw_translate``, a pure read) will fault with a
 known L2 real address, so L0 asks L1 for all those walks in the same message
 (``WalkBatchCall``).  The walk the current fault needs is answered as before; the others wait
-here until their fault comes and takes them.
+here until their fault comes and takes them (or another vCPU's fault at the same address does).
 
 A walk is a pure function of L1's tree, and L1 changes its tree only in ways L0 hears about
 before it could matter: a removal or downgrade is followed by an invalidation hcall (an L1
@@ -94,8 +94,11 @@ class WalkCache:
         self._walks.pop(vm, None)
 
     def take(self, vm: L1Vm, l1_lpid: int, pate_dw0: int, n_gpa: int) -> WalkResult | None:
+        """The walk fetched for n_gpa in this epoch, if any.  It stays: within an epoch L1's
+        tree is what it was, so every vCPU of the guest that faults there may use it (vCPUs
+        replaying the same pages would otherwise each fetch the rest of their batch again)."""
         d = self._walks.get(vm)
-        return d.pop((l1_lpid, pate_dw0, n_gpa), None) if d else None
+        return d.get((l1_lpid, pate_dw0, n_gpa)) if d else None
 
     def has(self, vm: L1Vm, l1_lpid: int, pate_dw0: int, n_gpa: int) -> bool:
         d = self._walks.get(vm)
