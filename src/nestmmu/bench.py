@@ -33,7 +33,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nestmmu.cluster import RawVcpu, insecure_channel
+from nestmmu.cluster import insecure_channel
 from nestmmu.protos import l0_pb2, l0_pb2_grpc, l1_pb2, l1_pb2_grpc, l2_pb2, l2_pb2_grpc
 
 
@@ -98,38 +98,10 @@ async def nested_faults(l0: str, l1: str, l2: str, per_vcpu: int, vcpus: int = 4
     return {"vcpus": vcpus, "nested_faults": faults, "seconds": round(dt, 3), "nested_faults_per_s": round(faults / dt, 1)}
 
 
-async def broadcast(l0: str, l1: str, rounds: int, vcpus: int = 8) -> dict[str, float]:
-    lpid = await _create_guest(l1, 16, 64 << 20)
-    async with insecure_channel(l1) as ch1, insecure_channel(l0) as ch0:
-        l1s = l1_pb2_grpc.L1ServiceStub(ch1)
-        l0s = l0_pb2_grpc.L0ServiceStub(ch0)
-        cpus = []
-        for v in range(vcpus):
-            a = await l1s.AttachVcpu(l1_pb2.AttachVcpuRequest(lpid=lpid, vcpu_id=v), timeout=30)
-            cpus.append(RawVcpu(l0s, a.run_token))
-        page = 1 << 20
-        unmap_us = []
-        lat_before = await _l0_stat(l0, "svc.broadcast_acks")
-        for _ in range(rounds):
-            await l1s.MapPages(l1_pb2.MapPagesRequest(lpid=lpid, n_gpa=page, length=1 << 16, read=True, write=True, execute=True), timeout=30)
-            await cpus[0].run([page], [1])  # fault it into the shadow table
-            t = time.perf_counter()
-            await l1s.UnmapPages(l1_pb2.UnmapPagesRequest(lpid=lpid, n_gpa=page, length=1 << 16), timeout=30)
-            unmap_us.append((time.perf_counter() - t) * 1e6)
-        acks = await _l0_stat(l0, "svc.broadcast_acks") - lat_before
-        p50 = await _l0_stat(l0, "svc.broadcast_latency_us_p50")
-        p99 = await _l0_stat(l0, "svc.broadcast_latency_us_p99")
-        for c in cpus:
-            await c.close()
-    return {
-        "vcpus": vcpus,
-        "rounds": rounds,
-        "acks": acks,
-        "l0_broadcast_us_p50": p50,
-        "l0_broadcast_us_p99": p99,
-        "unmap_rpc_us_p50": round(_pct(unmap_us, 0.5), 1),
-        "unmap_rpc_us_p99": round(_pct(unmap_us, 0.99), 1),
-    }
+async def broadcast(l0: str, l1: str, rounds: int, vcpus: int = 8) -> dict[str, Any]:
+    from nestmmu.bench_figures import broadcast as measure
+
+    return await measure(l0, l1, vcpus, rounds)
 
 
 def _cluster(quick: bool, progress: bool) -> dict[str, Any]:

@@ -384,12 +384,7 @@ class Vcpu:
                     if way[0] >> kind & 1:
                         continue
                     denied += 1  # found, but not for this kind (a store without C): a miss
-                key = (addr >> 12, kind)
-                if key in pending:
-                    deferred.append((addr, kind))
-                else:
-                    pending[key] = len(send)
-                    send.append((addr, kind))
+                _miss(addr, kind, pending, deferred, send)
             tlb.tick = tick
             hits = tick - tick0 - denied
         else:
@@ -398,12 +393,7 @@ class Vcpu:
                 if tlb_mask(lpid, addr, _ctx_pid(pid, addr)) & (1 << kind):
                     hits += 1
                     continue
-                key = (addr >> 12, kind)
-                if key in pending:
-                    deferred.append((addr, kind))
-                else:
-                    pending[key] = len(send)
-                    send.append((addr, kind))
+                _miss(addr, kind, pending, deferred, send)
         self.stats["tlb_hits"] += hits
         self.stats["misses_sent"] += len(send)
         self._sent = send
@@ -467,6 +457,16 @@ class Vcpu:
     def invalidate(self, inv: Invalidation) -> None:
         self.stats["invalidations_applied"] += 1
         self.stats["tlb_entries_dropped"] += self.tlb.invalidate(inv)
+
+
+def _miss(addr: int, kind: int, pending: dict[tuple[int, int], int], deferred: list[tuple[int, int]], send: list[tuple[int, int]]) -> None:
+    """A TLB miss in a scan: the first per (4K page, kind) is sent, the rest wait for it."""
+    key = (addr >> 12, kind)
+    if key in pending:
+        deferred.append((addr, kind))
+    else:
+        pending[key] = len(send)
+        send.append((addr, kind))
 
 
 def _ctx_pid(pidr: int, ea: int) -> int:
