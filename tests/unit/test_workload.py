@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nestmmu.core.formats import Access
 from nestmmu.core.workload import MAX_PID, PATTERNS, VIRTUAL_BASE, WorkloadSpec, generate, read_lackey
@@ -241,3 +244,36 @@ def test_virtual_mode_validation(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         spec.validate()
     WorkloadSpec(**kwargs).validate()  # the same fields are fine in real mode (pid unused)
+
+
+def _read_lackey_by_line(path: Path) -> list[tuple[int, int]]:
+    """The per-line parser read_lackey replaced (a block at a time): the reference."""
+    out: list[tuple[int, int]] = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            m = re.match(r"^\s*([ILSM])\s+([0-9a-fA-F]+),(\d+)", line)
+            if m:
+                a = int(m.group(2), 16)
+                op = m.group(1)
+                kinds = {"I": [Access.IFETCH], "L": [Access.LOAD], "S": [Access.STORE], "M": [Access.LOAD, Access.STORE]}[op]
+                out += [(a, int(k)) for k in kinds]
+    return out
+
+
+_RECORD = st.builds(
+    lambda op, a, n, pre, mid: f"{pre}{op}{mid}{a:x},{n}",
+    st.sampled_from("ILSMX"),
+    st.integers(0, 2**48),
+    st.integers(0, 64),
+    st.sampled_from(["", " ", "  ", "\t", "\n", "\r"]),
+    st.sampled_from([" ", "  ", "\t", "\n", ""]),
+)
+_LINE = st.one_of(_RECORD, st.text(alphabet=" \t\r\nILSM0123456789abcdefg,=", max_size=20))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(_LINE, max_size=40), ending=st.sampled_from(["\n", "\r\n", "\r"]))
+def test_read_lackey_by_blocks_parses_exactly_what_the_line_parser_did(tmp_path_factory: pytest.TempPathFactory, lines: list[str], ending: str) -> None:
+    path = tmp_path_factory.mktemp("lk") / "t.trace"
+    path.write_bytes(ending.join(lines).encode())
+    assert list(read_lackey(path)) == _read_lackey_by_line(path)

@@ -18,6 +18,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from ..limits import MAX_ACCESSES_PER_VCPU, MAX_BATCH
@@ -80,25 +81,26 @@ class WorkloadSpec:
 
 
 _LACKEY = re.compile(r"^\s*([ILSM])\s+([0-9a-fA-F]+),(\d+)")
+#: _LACKEY for a block of whole lines (MULTILINE): the same per line, never across lines
+#: (whitespace other than a newline where _LACKEY has \s).
+_LACKEY_LINES = re.compile(r"^[^\S\n]*([ILSM])[^\S\n]+([0-9a-fA-F]+),\d+", re.MULTILINE)
+_LACKEY_KIND = {"I": (int(Access.IFETCH),), "L": (int(Access.LOAD),), "S": (int(Access.STORE),), "M": (int(Access.LOAD), int(Access.STORE))}
+#: Bytes of whole lines parsed at a time (the regex runs over the block in C).
+_LACKEY_BLOCK = 1 << 20
 
 
 def read_lackey(path: str | Path) -> Iterator[tuple[int, int]]:
-    """(address, kind) from ``valgrind --tool=lackey --trace-mem=yes`` output; M = load+store."""
+    """(address, kind) from ``valgrind --tool=lackey --trace-mem=yes`` output; M = load+store.
+
+    Lines that are not records (valgrind's own messages, junk) are skipped.  Parsed a block
+    of lines at a time, read as a stream: a trace is never loaded whole."""
+    kind_of = _LACKEY_KIND
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            m = _LACKEY.match(line)
-            if not m:
-                continue
-            op, addr = m.group(1), int(m.group(2), 16)
-            if op == "I":
-                yield addr, Access.IFETCH
-            elif op == "L":
-                yield addr, Access.LOAD
-            elif op == "S":
-                yield addr, Access.STORE
-            else:
-                yield addr, Access.LOAD
-                yield addr, Access.STORE
+        while lines := fh.readlines(_LACKEY_BLOCK):
+            for op, addr in _LACKEY_LINES.findall("".join(lines)):
+                a = int(addr, 16)
+                for k in kind_of[op]:
+                    yield a, k
 
 
 def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int], list[int]]]:
@@ -119,16 +121,18 @@ def generate(spec: WorkloadSpec, vcpu_index: int = 0) -> Iterator[tuple[list[int
         n = min(spec.batch_size, total - done)
         addrs: list[int] = []
         kinds: list[int] = []
-        for _ in range(n):
-            if trace is not None:
-                try:
-                    a, k = next(trace)
-                except StopIteration:
+        if trace is not None:
+            while len(addrs) < n:
+                chunk = list(islice(trace, n - len(addrs)))
+                if not chunk:  # the end: replay from the start (an empty trace: loads at base)
                     trace = iter(read_lackey(spec.trace_path))
-                    a, k = next(trace, (0 if fold else base, Access.LOAD))  # an empty trace: loads at base
-                addrs.append(base + (a % fp) if fold else a)
-                kinds.append(int(k))
-                continue
+                    chunk = list(islice(trace, n - len(addrs))) or [(0 if fold else base, int(Access.LOAD))] * (n - len(addrs))
+                addrs += [base + a % fp for a, _ in chunk] if fold else [a for a, _ in chunk]
+                kinds += [k for _, k in chunk]
+            done += n
+            yield addrs, kinds
+            continue
+        for _ in range(n):
             if spec.pattern == "uniform":
                 a = (rng.randrange(pages) << 12) | (rng.randrange(512) << 3)
             elif spec.pattern == "hot":
