@@ -204,10 +204,12 @@ def _issue8(quick: bool, say: Any, core: dict[str, Any], rss_pages: int) -> dict
             figures["trace_replay_accesses_per_s"] = None
             details["trace_replay"] = {"error": f"no trace: {e}"}
         else:
+            accesses = bf.trace_accesses(path)
             with local_cluster(("l1a",)) as c:
-                say(f"replaying the whole trace ({records} records) on one vCPU")
-                details["trace_replay"] = t = asyncio.run(bf.trace_replay(c.l1s["l1a"], c.l2, path, records))
+                say(f"replaying the whole trace ({records} records, {accesses} accesses) on one vCPU")
+                details["trace_replay"] = t = asyncio.run(bf.trace_replay(c.l1s["l1a"], c.l2, path, accesses))
             t["program"] = ran
+            t["lackey_records"] = records
             figures["trace_replay_accesses_per_s"] = t["accesses_per_s"]
     unary, bidi, dict_ns = baselines["grpc_unary_rtt_p50_us"], baselines["grpc_bidi_rtt_p50_us"], baselines["dict_get_ns"]
     ratios = {

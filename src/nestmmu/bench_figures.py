@@ -234,8 +234,16 @@ def record_lackey_trace(min_records: int, out_dir: str) -> tuple[str, int, str]:
     return path, records, "; ".join(ran)
 
 
+def trace_accesses(path: str) -> int:
+    """Accesses a lackey trace replays to (an M record is a load and a store)."""
+    from nestmmu.core.workload import read_lackey
+
+    return sum(1 for _ in read_lackey(path))
+
+
 async def trace_replay(l1: str, l2: str, path: str, records: int) -> dict[str, Any]:
-    """The whole trace on one vCPU through the cluster (L2 parses it as it goes)."""
+    """The whole trace on one vCPU through the cluster (L2 parses it as it goes): ``records``
+    is its number of accesses (:func:`trace_accesses`), so it runs once, end to end."""
     lpid = await create_guest(l1, 1 << 30)
     async with insecure_channel(l2) as ch:
         wl = l2_pb2.Workload(pattern="trace", trace_path=path, accesses=records, footprint_bytes=1 << 30, batch_size=4096)
