@@ -252,7 +252,8 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
             slice_end = time.perf_counter() + RUN_WORKER_SLICE_S
             # Real mode: a fault that needs a walk of L1's tree fetches the walks of the
             # batch's coming faults with it (walks.py); the 2-D walk fetches its own.
-            look_ahead = pid < 0 and svc.walk_batching
+            cursor = walks.BatchCursor(core, gp, b.addresses, b.kinds) if pid < 0 and svc.walk_batching else None
+            walks.ahead_var.set(cursor)
             for i, (addr, kind) in enumerate(zip(b.addresses, b.kinds, strict=True)):
                 if time.perf_counter() > slice_end:
                     # Shadow hits never suspend: give acks, other vCPUs and RPCs a turn.
@@ -263,8 +264,8 @@ async def run_worker(svc: L0Servicer, st: RunStream, batches: asyncio.Queue[Work
                 if gp.freed:
                     st.add_result(i, AccessResult(Outcome.ERROR, detail="nested guest released"))
                     continue
-                if look_ahead:
-                    walks.ahead_var.set(functools.partial(walks.coming_faults, core, gp, b.addresses, b.kinds, i + 1))
+                if cursor is not None:
+                    cursor.next = i + 1
                 try:
                     await svc.drive(core.run_access(gp, vcpu_id, addr, Access(kind), pid), functools.partial(st.add_result, i))
                 except (L1Gone, TimeoutError) as e:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextvars
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nestmmu.core import formats as f
@@ -48,9 +49,24 @@ LOOK_AHEAD = 1024
 #: leave walks nobody takes; they go with the next epoch, or all at once above this).
 MAX_KEPT = 1 << 16
 
-#: Set by the Run worker around each access of a real-mode batch: the L2 real addresses of the
-#: coming faults of its batch, for :meth:`WalkCache.ahead`.
-ahead_var: contextvars.ContextVar[Callable[[], list[int]] | None] = contextvars.ContextVar("walks_ahead", default=None)
+
+@dataclass(eq=False)
+class BatchCursor:
+    """A real-mode batch as the Run worker goes through it: ``next`` is the index of the
+    access after the one running (set per access: one store, no allocation)."""
+
+    core: L0Hypervisor
+    gp: KvmNestedGuest
+    addrs: Sequence[int]
+    kinds: bytes | Sequence[int]
+    next: int = 0
+
+    def coming_faults(self) -> list[int]:
+        return coming_faults(self.core, self.gp, self.addrs, self.kinds, self.next)
+
+
+#: Set by the Run worker for a real-mode batch while it runs it (None otherwise).
+ahead_var: contextvars.ContextVar[BatchCursor | None] = contextvars.ContextVar("walks_ahead", default=None)
 
 
 def coming_faults(core: L0Hypervisor, gp: KvmNestedGuest, addrs: Sequence[int], kinds: bytes | Sequence[int], start: int) -> list[int]:
@@ -100,10 +116,6 @@ class WalkCache:
         d = self._walks.get(vm)
         return d.get((l1_lpid, pate_dw0, n_gpa)) if d else None
 
-    def has(self, vm: L1Vm, l1_lpid: int, pate_dw0: int, n_gpa: int) -> bool:
-        d = self._walks.get(vm)
-        return d is not None and (l1_lpid, pate_dw0, n_gpa) in d
-
     def keep(self, vm: L1Vm, l1_lpid: int, pate_dw0: int, walks: dict[int, WalkResult], epoch: int) -> int:
         """Keep walks fetched in ``epoch`` (none if a new epoch began meanwhile); how many."""
         if self.epoch(vm) != epoch or not walks:
@@ -136,7 +148,7 @@ async def answer_walk(svc: L0Servicer, eff: WalkL1Tree) -> WalkResult:
         svc.stats["walks_fetched_ahead_used"] += 1
         return got
     ahead = ahead_var.get() if svc.walk_batching else None
-    more = [g for g in ahead() if g != eff.n_gpa and not cache.has(vm, lpid, pate, g)] if ahead is not None else []
+    more = [g for g in ahead.coming_faults() if g != eff.n_gpa and cache.take(vm, lpid, pate, g) is None] if ahead is not None else []
     if not more:
         r = await svc.call_l1(vm, l0_pb2.L0Call(walk=l0_pb2.WalkCall(pate_dw0=pate, l1_lpid=lpid, n_gpa=eff.n_gpa)))
         return walk_from_proto(r.walk)
@@ -150,4 +162,4 @@ async def answer_walk(svc: L0Servicer, eff: WalkL1Tree) -> WalkResult:
     return walks[0]
 
 
-__all__ = ["LOOK_AHEAD", "WalkCache", "ahead_var", "answer_walk", "coming_faults", "walk_from_proto"]
+__all__ = ["LOOK_AHEAD", "BatchCursor", "WalkCache", "ahead_var", "answer_walk", "coming_faults", "walk_from_proto"]
